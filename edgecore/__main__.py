@@ -1,0 +1,5 @@
+import sys
+
+from edgecore.cli import main
+
+sys.exit(main())

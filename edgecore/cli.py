@@ -1,0 +1,150 @@
+"""`python -m edgecore COMMAND`: the device-side pipeline from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from edgecore.errors import EdgecoreError
+
+log = logging.getLogger("edgecore")
+
+
+def _finetune_parser(sub) -> None:
+    from edgecore.finetune import PRECISIONS, LoraSettings, TrainSettings
+
+    lora, train = LoraSettings(), TrainSettings()
+    p = sub.add_parser(
+        "finetune",
+        help="plain LoRA fine-tuning with evaluation before and after",
+        description="Fine-tune LoRA adapters on a dense base model (every layer, full-depth "
+        "backprop), evaluate on the held-out test split before and after, and save the adapter "
+        "in PEFT format with per-step metrics in a run folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-micro, tiny-5m, or a local Hugging Face model folder")
+    p.add_argument("--data", default="bbc", help="bbc, shakespeare, shakespeare:role, or a JSONL file / folder of {text} or {prompt,response} lines")
+    p.add_argument("--steps", type=int, default=train.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=train.batch_size, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=train.seq_len, help="maximum tokens per sequence (long texts are cut, answers kept)")
+    p.add_argument("--lr", type=float, default=train.lr, help="peak learning rate (linear warm-up, cosine decay to lr/10)")
+    p.add_argument("--warmup-steps", type=int, default=train.warmup_steps, help="linear warm-up steps")
+    p.add_argument("--precision", choices=PRECISIONS, default=train.precision, help="auto = bf16 autocast where the CPU runs bf16 natively (avx512_bf16/AMX), else fp32")
+    p.add_argument("--lora-r", type=int, default=lora.r, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=int, default=lora.alpha, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument("--lora-dropout", type=float, default=lora.dropout, help="LoRA dropout")
+    p.add_argument("--targets", default=",".join(lora.targets), help="comma-separated module names that get LoRA")
+    p.add_argument("--seed", type=int, default=train.seed, help="seed for the data split, batch order and LoRA init")
+    p.add_argument("--num-partitions", type=int, default=1, help="split the training data into this many client partitions ...")
+    p.add_argument("--partition-id", type=int, default=0, help="... and train on this one (0-based)")
+    p.add_argument("--partition", default="iid", help="partition scheme: iid, natural, or dirichlet:ALPHA")
+    p.add_argument("--eval-split", choices=("test", "validation"), default="test", help="held-out split to evaluate on")
+    p.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first N samples of the split (0 = all)")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="sequences per evaluation forward pass")
+    p.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before tuning")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/finetune-TIMESTAMP); must not hold a run already")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_finetune)
+
+
+def _check_out(out: Path | None) -> Path:
+    out = out or Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
+    if (out / "summary.json").exists():
+        raise EdgecoreError(f"--out {out} already holds a run (summary.json); choose another folder or remove it")
+    return out
+
+
+def _finetune(args) -> None:
+    from edgecore import data, models
+    from edgecore.encoding import Encoder
+    from edgecore.evaluate import evaluate
+    from edgecore.finetune import LoraSettings, TrainSettings, add_lora, resolve_precision, train
+
+    # Check every input before the slow work starts, so a typo costs nothing.
+    lora = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(t for t in args.targets.split(",") if t))
+    settings = TrainSettings(
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        warmup_steps=args.warmup_steps, precision=args.precision, seed=args.seed,
+    )
+    out = _check_out(args.out)
+    dataset = data.load(args.data, seed=args.seed)
+    train_samples = dataset.train
+    if args.num_partitions > 1 or args.partition_id:
+        if not 0 <= args.partition_id < args.num_partitions:
+            raise EdgecoreError(f"--partition-id {args.partition_id} must be in [0, {args.num_partitions - 1}]")
+        scheme, alpha = data.parse_partition_spec(args.partition)
+        parts = data.partition(train_samples, args.num_partitions, scheme, alpha=alpha or 0.5, seed=args.seed)
+        train_samples = [train_samples[i] for i in parts[args.partition_id]]
+    held_out = getattr(dataset, args.eval_split)
+    if args.eval_samples:
+        held_out = held_out[: args.eval_samples]
+
+    started = time.perf_counter()
+    model, tokenizer = models.load(args.model, seed=args.seed)
+    encoder = Encoder(tokenizer, dataset, max_len=settings.seq_len)
+    precision = resolve_precision(settings.precision)
+    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{model.config.num_hidden_layers} layers, loaded in {time.perf_counter() - started:.1f} s; precision {precision}")
+    print(f"data {dataset.name}: {len(train_samples)} training samples, {len(held_out)} {args.eval_split} samples")
+
+    progress = not args.quiet
+    evals = {}
+    if not args.no_eval_before:
+        evals["before"] = evaluate(model, encoder, held_out, batch_size=args.eval_batch_size, precision=precision, progress=progress)
+        print("before: " + _metrics_line(evals["before"]))
+
+    model = add_lora(model, lora)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "steps.jsonl").open("w") as steps_file:
+        def record(step):
+            steps_file.write(json.dumps(asdict(step)) + "\n")
+            steps_file.flush()
+        report = train(model, encoder, train_samples, settings, progress=progress, on_step=record)
+    print(f"trained {len(report.steps)} steps in {report.train_s:.1f} s: {report.mean_step_s:.2f} s/step, "
+          f"loss {report.steps[0].loss:.3f} -> {report.final_loss:.3f}, peak RSS {report.peak_rss_mb:.0f} MB")
+    model.save_pretrained(out / "adapter")
+
+    evals["after"] = evaluate(model, encoder, held_out, batch_size=args.eval_batch_size, precision=precision, progress=progress)
+    print("after:  " + _metrics_line(evals["after"]))
+    summary = {
+        "model": args.model, "data": args.data, "eval_split": args.eval_split,
+        "settings": {"lora": asdict(lora), "train": asdict(settings)},
+        "train": report.summary(), "eval": evals, "adapter": str(out / "adapter"),
+        "wall_s": time.perf_counter() - started,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"run folder: {out} (adapter/, steps.jsonl, summary.json)")
+
+
+def _metrics_line(metrics: dict) -> str:
+    parts = [f"accuracy {metrics['accuracy']:.1%}"] if "accuracy" in metrics else []
+    parts += [f"loss {metrics['loss']:.3f}", f"perplexity {metrics['perplexity']:.2f}", f"n={metrics['n']}"]
+    return ", ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m edgecore", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _finetune_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        args.handler(args)
+    except EdgecoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
