@@ -72,12 +72,12 @@ def _finetune(args) -> None:
         warmup_steps=args.warmup_steps, precision=args.precision, seed=args.seed,
     )
     out = _check_out(args.out)
+    scheme, alpha = data.parse_partition_spec(args.partition)
     dataset = data.load(args.data, seed=args.seed)
     train_samples = dataset.train
     if args.num_partitions > 1 or args.partition_id:
         if not 0 <= args.partition_id < args.num_partitions:
             raise EdgecoreError(f"--partition-id {args.partition_id} must be in [0, {args.num_partitions - 1}]")
-        scheme, alpha = data.parse_partition_spec(args.partition)
         parts = data.partition(train_samples, args.num_partitions, scheme, alpha=alpha or 0.5, seed=args.seed)
         train_samples = [train_samples[i] for i in parts[args.partition_id]]
     held_out = getattr(dataset, args.eval_split)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraSettings:
     r: int = 8
     alpha: int = 16

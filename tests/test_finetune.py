@@ -33,9 +33,9 @@ def test_training_lowers_held_out_loss_and_lifts_accuracy():
     model = add_lora(model, LoraSettings(r=8, targets=("q_proj", "v_proj", "o_proj")))
     report = train(model, encoder, data.train, TrainSettings(steps=40, batch_size=8, seq_len=64, lr=3e-3, precision="fp32"), progress=False)
     after = evaluate(model, encoder, data.test, progress=False)
-    assert after["loss"] < 0.5 * before["loss"]
+    assert after["loss"] < before["loss"] - 1.0
     assert report.final_loss < report.steps[0].loss
-    assert after["accuracy"] > 0.5  # chance is 1/3
+    assert after["accuracy"] >= 0.8  # chance is 1/3
     assert len(report.steps) == 40 and report.peak_rss_mb > 0
 
 
@@ -61,7 +61,7 @@ def test_saved_adapter_loads_with_stock_peft(tmp_path):
     model.save_pretrained(tmp_path)
     base, _ = models.load("tiny-micro", seed=3)
     loaded = PeftModel.from_pretrained(base, tmp_path).eval()
-    batch = collate([encoder.encode(s) for s in data.test[:4]], tokenizer.pad_token_id)
+    batch = collate([encoder.encode(s) for s in data.train[:4]], tokenizer.pad_token_id)
     with torch.no_grad():
         mine = model.eval()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         theirs = loaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -35,7 +35,9 @@ def data_dir() -> Path:
         raise EdgecoreError(f"the BBC News data (package {PACKAGE!r}) is not installed; {INSTALL_HINT}")
     root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
     if not root.is_dir():
-        raise EdgecoreError(f"{root} does not exist: the {PACKAGE!r} install is incomplete; reinstall it: {INSTALL_HINT}")
+        raise EdgecoreError(
+            f"{root} does not exist: the {PACKAGE!r} install is incomplete; reinstall it: {INSTALL_HINT}"
+        )
     return root
 
 

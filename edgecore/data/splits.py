@@ -82,11 +82,15 @@ def stable_int(*parts: object) -> int:
 
 
 def _units_by_group(samples: Sequence[Sample]) -> dict[str, list[list[int]]]:
-    """Per group, lists of indices of identical samples (first-appearance order)."""
+    """Per group, lists of indices of identical samples, in content order.
+
+    Content order (not input order) makes the split a function of the set of samples:
+    listing files in another order cannot move a sample between splits.
+    """
     by_group: dict[str, dict[tuple[str, str], list[int]]] = {}
     for i, s in enumerate(samples):
         by_group.setdefault(s.group, {}).setdefault((s.prompt, s.response), []).append(i)
-    return {g: list(units.values()) for g, units in sorted(by_group.items())}
+    return {g: [units[k] for k in sorted(units)] for g, units in sorted(by_group.items())}
 
 
 def _allocate(sizes: dict[str, int], caps: dict[str, int], fraction: float, seed: int, salt: str) -> dict[str, int]:

@@ -1,0 +1,80 @@
+"""One client round, Flower-free: global adapter in, trained adapter and metrics out.
+
+`local_round` is the single path every client takes; later stages (compression for the
+device's budget, adaptive depth, voting) extend it here. The base model and the data
+partition are cached per process: Flower's simulation keeps its actor processes across
+rounds, so only the first round pays for loading.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from edgecore import data, measure, models, wire
+from edgecore.data import Sample
+from edgecore.encoding import Encoder
+from edgecore.experiment import Experiment
+from edgecore.finetune import LoraSettings, add_lora, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """Where a client's training data comes from."""
+
+    spec: str  # dataset name or path (see edgecore.data.load)
+    partition_id: int = 0
+    num_partitions: int = 1
+    scheme: str = "iid"
+
+
+@lru_cache(maxsize=4)
+def _partition(client: ClientData, seed: int) -> tuple[data.Dataset, tuple[Sample, ...]]:
+    dataset = data.load(client.spec, seed=seed)
+    if client.num_partitions == 1:
+        return dataset, tuple(dataset.train)
+    scheme, alpha = data.parse_partition_spec(client.scheme)
+    parts = data.partition(dataset.train, client.num_partitions, scheme, alpha=alpha or 0.5, seed=seed)
+    return dataset, tuple(dataset.train[i] for i in parts[client.partition_id])
+
+
+@lru_cache(maxsize=2)
+def _model(name: str, lora: LoraSettings, seed: int):
+    """The base model wrapped with LoRA, loaded once per process; its adapter is overwritten every round."""
+    model, tokenizer = models.load(name, seed=seed)
+    return add_lora(model, lora), tokenizer
+
+
+def local_round(
+    experiment: Experiment, client: ClientData, global_arrays: dict[str, np.ndarray], server_round: int
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Train the global adapter on this client's partition; return the new adapter and metrics."""
+    started = time.perf_counter()
+    dataset, samples = _partition(client, experiment.seed)
+    model, tokenizer = _model(experiment.model, experiment.lora(), experiment.seed)
+    wire.load_adapter_arrays(model, global_arrays)
+    encoder = Encoder(tokenizer, dataset, max_len=experiment.seq_len)
+    settings = experiment.train_settings(server_round)
+    report = train(model, encoder, list(samples), settings, progress=False)
+    arrays = wire.adapter_arrays(model)
+    metrics = {
+        "num-examples": len(samples),
+        "train-loss": report.final_loss,
+        "first-loss": report.steps[0].loss,
+        "step-s": report.mean_step_s,
+        "train-s": report.train_s,
+        "round-s": time.perf_counter() - started,
+        "peak-rss-mb": measure.peak_rss_mb(),
+        "bytes-up": wire.nbytes(arrays),
+        "bytes-down": wire.nbytes(global_arrays),
+        "partition-id": client.partition_id,
+    }
+    log.info("round %d partition %d: loss %.3f -> %.3f in %.1f s", server_round, client.partition_id,
+             metrics["first-loss"], metrics["train-loss"], metrics["round-s"])
+    return arrays, metrics

@@ -1,0 +1,104 @@
+"""An experiment's settings: one flat table of hyphenated keys, shared by server and clients.
+
+The same keys live in pyproject.toml's [tool.flwr.app.config] (Flower's run config), in
+configs/experiments/*.toml, and in `flwr run -c "key=value"` overrides. Unknown keys and
+wrong types are refused with the key named, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from edgecore.errors import EdgecoreError
+from edgecore.finetune import LoraSettings, TrainSettings
+
+
+@dataclass(frozen=True)
+class Experiment:
+    model: str = "smollm2-135m"
+    data: str = "bbc"
+    partition: str = "dirichlet:0.5"  # how the training split is dealt to clients
+    num_rounds: int = 3
+    local_steps: int = 8
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 2
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    precision: str = "auto"
+    seed: int = 0
+    min_clients: int = 2  # a round waits for this many connected clients
+    fraction_train: float = 1.0
+    eval_samples: int = 0  # server-side test samples per evaluation; 0 = the whole test split
+    eval_batch_size: int = 16
+    max_update_norm: float = 100.0  # L2 distance from the global adapter beyond which an update is dropped
+    run_dir: str = "runs"
+
+    def __post_init__(self):
+        self.lora()  # validates the LoRA fields
+        self.train_settings(round_=1)
+        for name in ("num_rounds", "min_clients", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise EdgecoreError(f"{_key(name)} = {getattr(self, name)} must be at least 1")
+        if not 0 < self.fraction_train <= 1:
+            raise EdgecoreError(f"fraction-train = {self.fraction_train} must be in (0, 1]")
+        if self.eval_samples < 0 or not self.max_update_norm > 0:
+            raise EdgecoreError("eval-samples must be >= 0 and max-update-norm > 0")
+        from edgecore.data import parse_partition_spec
+
+        parse_partition_spec(self.partition)
+
+    def lora(self) -> LoraSettings:
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
+
+    def train_settings(self, round_: int) -> TrainSettings:
+        """Local training for one round; the seed moves with the round so batches differ."""
+        return TrainSettings(
+            steps=self.local_steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
+            warmup_steps=min(self.warmup_steps, self.local_steps), precision=self.precision,
+            seed=self.seed + 1000 * round_,
+        )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "run config") -> "Experiment":
+        known = {_key(f.name): f for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                raise EdgecoreError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+            field = known[key]
+            kwargs[field.name] = _coerce(value, field.type, key, source)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> "Experiment":
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise EdgecoreError(f"experiment file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise EdgecoreError(f"experiment file {path} is not valid TOML: {err}") from None
+        return cls.from_mapping(values, source=str(path))
+
+    def as_run_config(self) -> dict[str, Any]:
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _coerce(value: Any, type_name: str, key: str, source: str):
+    """Check a value's type; ints are accepted where floats are expected."""
+    expected = {"int": int, "float": (int, float), "str": str}[type_name]
+    if isinstance(value, bool) or not isinstance(value, expected):
+        article = "an" if type_name == "int" else "a"
+        raise EdgecoreError(f"{source}: {key} = {value!r} should be {article} {type_name}")
+    return float(value) if type_name == "float" else value

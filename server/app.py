@@ -1,0 +1,86 @@
+"""The Flower ServerApp: federated averaging of LoRA adapters with server-side evaluation."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from client.records import from_record, to_metrics, to_record
+from edgecore.experiment import Experiment
+from server.evaluation import GlobalModel
+from server.run_folder import RunFolder
+from server.strategy import ValidatedFedAvg
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    experiment = Experiment.from_mapping(context.run_config)
+    run = RunFolder(experiment.run_dir, name=f"fl-{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}")
+    run.write_config(experiment.as_run_config())
+    log.info("run folder: %s", run.path)
+    global_model = GlobalModel(experiment)
+    strategy = ValidatedFedAvg(
+        max_update_norm=experiment.max_update_norm,
+        fraction_train=experiment.fraction_train,
+        fraction_evaluate=0.0,  # evaluation happens here, on the held-out test split
+        min_train_nodes=experiment.min_clients,
+        min_available_nodes=experiment.min_clients,
+    )
+    started = time.perf_counter()
+    round_started = [started]
+
+    def evaluate_and_record(server_round: int, arrays) -> MetricRecord:
+        adapter = from_record(arrays)
+        metrics = global_model.evaluate(adapter)
+        now = time.perf_counter()
+        clients = strategy.round_clients.get(server_round, [])
+        record = {
+            "round": server_round,
+            **{f"test_{k}": v for k, v in metrics.items()},
+            "round_s": now - round_started[0],
+            "clients": clients,
+            "dropped": strategy.round_dropped.get(server_round, []),
+            "bytes_up": sum(c.get("bytes-up", 0) for c in clients),
+            "bytes_down": sum(c.get("bytes-down", 0) for c in clients),
+        }
+        run.add_round(record)
+        folder = run.checkpoint_dir(server_round)
+        global_model.save(adapter, folder / "adapter")
+        run.write_state(server_round, {"round": server_round, "metrics": metrics, "config": experiment.as_run_config()})
+        log.info("round %d: test %s", server_round, _short(metrics))
+        round_started[0] = time.perf_counter()
+        return to_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_record(global_model.initial_arrays()),
+        num_rounds=experiment.num_rounds,
+        train_config=ConfigRecord({"num-rounds": experiment.num_rounds}),
+        evaluate_fn=evaluate_and_record,
+    )
+    global_model.save(from_record(result.arrays), run.path / "adapter")
+    first, last = run.rounds[0], run.rounds[-1]
+    run.write_summary({
+        "status": "completed",
+        "rounds": experiment.num_rounds,
+        "wall_s": time.perf_counter() - started,
+        "metric_per_round": {r["round"]: r.get("test_accuracy", r["test_perplexity"]) for r in run.rounds},
+        "initial": {k: v for k, v in first.items() if k.startswith("test_")},
+        "final": {k: v for k, v in last.items() if k.startswith("test_")},
+        "bytes_up_total": sum(r["bytes_up"] for r in run.rounds),
+        "bytes_down_total": sum(r["bytes_down"] for r in run.rounds),
+        "adapter": str(run.path / "adapter"),
+    })
+    log.info("done: %s -> %s; run folder %s", _short(first), _short(last), run.path)
+
+
+def _short(metrics: dict) -> str:
+    keys = [k for k in metrics if k.endswith(("accuracy", "loss", "perplexity"))]
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys)

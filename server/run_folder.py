@@ -1,0 +1,44 @@
+"""The run folder: what a federated run leaves for people, scripts and tests to read.
+
+    runs/<name>/
+      config.json          the experiment's settings
+      rounds.jsonl         one line per round (round 0 = before any training)
+      checkpoints/round-N/ adapter/ (PEFT format) and state.json (round, metrics, config)
+      adapter/             the final global adapter, loadable with PeftModel.from_pretrained
+      summary.json         accuracy per round, totals, wall time, status
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from edgecore.errors import EdgecoreError
+
+
+class RunFolder:
+    def __init__(self, root: Path, name: str | None = None):
+        name = name or time.strftime("fl-%Y%m%d-%H%M%S")
+        self.path = Path(root) / name
+        if (self.path / "summary.json").exists():
+            raise EdgecoreError(f"run folder {self.path} already holds a finished run; choose another run name")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.rounds: list[dict] = []
+
+    def write_config(self, config: dict) -> None:
+        (self.path / "config.json").write_text(json.dumps(config, indent=2))
+
+    def add_round(self, record: dict) -> None:
+        self.rounds.append(record)
+        with (self.path / "rounds.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def checkpoint_dir(self, server_round: int) -> Path:
+        return self.path / "checkpoints" / f"round-{server_round}"
+
+    def write_state(self, server_round: int, state: dict) -> None:
+        (self.checkpoint_dir(server_round) / "state.json").write_text(json.dumps(state, indent=2))
+
+    def write_summary(self, summary: dict) -> None:
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,130 @@
+"""Starting and watching Flower processes safely: one place for the environment and the traps.
+
+- Every Flower process gets a project-local FLWR_HOME, no telemetry, no update check, and no
+  runtime dependency installation (which would reach for the network on every run).
+- Flower starts helper processes by name, so the interpreter's bin folder goes first on PATH.
+- `flwr run --stream` exits 0 even when the run failed: `run_status` asks `flwr ls`.
+- Processes we start are stopped by their PID, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from edgecore.errors import EdgecoreError
+
+BIN = Path(sys.executable).parent
+
+
+def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(Path(flwr_home).resolve()),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        RAY_DEDUP_LOGS="0",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_connection(flwr_home: Path, name: str, address: str) -> None:
+    """A named SuperLink connection in FLWR_HOME/config.toml (never in pyproject.toml)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+    )
+
+
+def wait_healthy(address: str, process: subprocess.Popen, timeout_s: float, log_file: Path) -> None:
+    """Poll the SuperLink's /health until it answers; fail fast if the process died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise EdgecoreError(f"the SuperLink exited with code {process.returncode}; see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://{address}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise EdgecoreError(f"the SuperLink at {address} did not become healthy within {timeout_s:.0f} s; see {log_file}")
+
+
+def stop(process: subprocess.Popen | None, grace_s: float = 10) -> None:
+    """Stop a process we started (and its process group), by PID."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(5)
+
+
+def flwr(args: list[str], env: dict[str, str], timeout_s: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout_s, cwd=cwd)
+
+
+def submit_run(app_dir: Path, connection: str, env: dict[str, str], run_config: str = "", federation_config: str = "") -> int:
+    """`flwr run` without streaming; returns the run id."""
+    args = ["run", str(app_dir), connection, "--format", "json"]
+    if run_config:
+        args += ["--run-config", run_config]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    done = flwr(args, env, cwd=app_dir)
+    try:
+        reply = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        reply = {}
+    if done.returncode != 0 or not reply.get("success", False) or "run-id" not in reply:
+        raise EdgecoreError(f"flwr run failed (exit {done.returncode}): {done.stdout.strip()[-1500:]} {done.stderr.strip()[-1500:]}")
+    return int(reply["run-id"])
+
+
+def run_status(run_id: int, connection: str, env: dict[str, str]) -> str:
+    """The run's status as `flwr ls` reports it, e.g. 'running' or 'finished:completed'."""
+    done = flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"], env)
+    try:
+        runs = json.loads(done.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        raise EdgecoreError(f"flwr ls gave no JSON: {done.stdout[-500:]} {done.stderr[-500:]}") from None
+    return runs[0]["status"] if runs else "unknown"
+
+
+def wait_for_run(run_id: int, connection: str, env: dict[str, str], timeout_s: float, poll_s: float = 2.0) -> str:
+    """Block until the run finishes; return its final status (raise on timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = run_status(run_id, connection, env)
+        if status.startswith("finished"):
+            return status
+        time.sleep(poll_s)
+    raise EdgecoreError(f"run {run_id} did not finish within {timeout_s:.0f} s")
