@@ -43,6 +43,14 @@ class Encoder:
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         self.prefix, self.suffix = self._question_frame() if self.choices else ([], [])
         self.choice_token_ids = self._choice_token_ids() if self.choices else []
+        if self.choices:
+            longest = max(len(self._tokens(self._answer_text(w))) for w in self.choices)
+            frame = len(self.prefix) + len(self.suffix) + longest
+            if frame >= max_len:
+                raise EdgecoreError(
+                    f"sequence length {max_len} leaves no room for the text after the question frame "
+                    f"({frame} tokens): raise the sequence length (--seq-len, or seq-len in the run config) above {frame}"
+                )
 
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -92,11 +100,6 @@ class Encoder:
             ) from None
         answer = self._tokens(self._answer_text(sample.response))
         room = self.max_len - len(self.prefix) - len(self.suffix) - len(answer)
-        if room < 1:
-            raise EdgecoreError(
-                f"sequence length {self.max_len} leaves no room for the text after the question "
-                f"frame ({len(self.prefix) + len(self.suffix) + len(answer)} tokens): raise --seq-len"
-            )
         question = self.prefix + self._tokens(sample.prompt)[:room] + self.suffix
         labels = [IGNORE] * len(question) + answer
         return Encoded(question + answer, labels, answer_at=len(question) - 1, choice=choice)

@@ -39,6 +39,8 @@ class Experiment:
     eval_batch_size: int = 16
     max_update_norm: float = 100.0  # L2 distance from the global adapter beyond which an update is dropped
     run_dir: str = "runs"
+    run_name: str = ""  # the run folder's name under run-dir; "" = fl-TIMESTAMP-runID
+    save_client_updates: bool = False  # keep every accepted client update in the checkpoints (audit, debugging)
 
     def __post_init__(self):
         self.lora()  # validates the LoRA fields
@@ -97,8 +99,8 @@ def _key(field_name: str) -> str:
 
 def _coerce(value: Any, type_name: str, key: str, source: str):
     """Check a value's type; ints are accepted where floats are expected."""
-    expected = {"int": int, "float": (int, float), "str": str}[type_name]
-    if isinstance(value, bool) or not isinstance(value, expected):
-        article = "an" if type_name == "int" else "a"
-        raise EdgecoreError(f"{source}: {key} = {value!r} should be {article} {type_name}")
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[type_name]
+    if isinstance(value, bool) != (type_name == "bool") or not isinstance(value, expected):
+        kind = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[type_name]
+        raise EdgecoreError(f"{source}: {key} = {value!r} should be {kind}")
     return float(value) if type_name == "float" else value

@@ -22,12 +22,14 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     experiment = Experiment.from_mapping(context.run_config)
-    run = RunFolder(experiment.run_dir, name=f"fl-{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}")
+    name = experiment.run_name or f"fl-{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}"
+    run = RunFolder(experiment.run_dir, name=name)
     run.write_config(experiment.as_run_config())
     log.info("run folder: %s", run.path)
     global_model = GlobalModel(experiment)
     strategy = ValidatedFedAvg(
         max_update_norm=experiment.max_update_norm,
+        keep_updates=experiment.save_client_updates,
         fraction_train=experiment.fraction_train,
         fraction_evaluate=0.0,  # evaluation happens here, on the held-out test split
         min_train_nodes=experiment.min_clients,
@@ -53,6 +55,8 @@ def main(grid: Grid, context: Context) -> None:
         run.add_round(record)
         folder = run.checkpoint_dir(server_round)
         global_model.save(adapter, folder / "adapter")
+        for node, update in strategy.round_updates.pop(server_round, {}).items():
+            run.save_client_update(server_round, node, update)
         run.write_state(server_round, {"round": server_round, "metrics": metrics, "config": experiment.as_run_config()})
         log.info("round %d: test %s", server_round, _short(metrics))
         round_started[0] = time.perf_counter()

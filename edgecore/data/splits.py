@@ -143,12 +143,18 @@ def make_dataset(
     instruction: str | None = None,
 ) -> Dataset:
     """Split `samples` with `split_indices` and wrap them as a Dataset."""
+    def shuffled(indices: list[int]) -> list[Sample]:
+        # A seeded content-based order, so any prefix (e.g. "the first 100 test samples")
+        # is a fair sample of every group rather than the first group alone.
+        chosen = [samples[i] for i in indices]
+        return sorted(chosen, key=lambda s: stable_int("order", seed, s.group, s.prompt, s.response))
+
     train, validation, test = split_indices(samples, seed)
     ds = Dataset(
         name=name,
-        train=[samples[i] for i in train],
-        validation=[samples[i] for i in validation],
-        test=[samples[i] for i in test],
+        train=shuffled(train),
+        validation=shuffled(validation),
+        test=shuffled(test),
         choices=choices,
         instruction=instruction,
     )

@@ -1,0 +1,78 @@
+"""`python -m client --server HOST:PORT --data SPEC`: join a federated run from a real device.
+
+Checks the address and the data first (so a typo fails in a second, not after a model
+load), waits a bounded time for the server to answer, then runs a Flower SuperNode whose
+ClientApp trains on this device's data. The data never leaves the device: only adapter
+tensors and metrics are sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from edgecore import data
+from edgecore.errors import EdgecoreError
+from server import flower
+from server.addresses import parse_address, parse_port, wait_reachable
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def node_config(args) -> str:
+    """Flower's --node-config string: what this device trains on."""
+    if not 0 <= args.partition_id < args.num_partitions:
+        raise EdgecoreError(f"--partition-id {args.partition_id} must be in [0, {args.num_partitions - 1}]")
+    spec = str(Path(args.data).resolve()) if Path(args.data).exists() else args.data
+    data.load(spec)  # fails now, with the file and line, if the data is bad
+    if '"' in spec:
+        raise EdgecoreError(f"--data {spec!r}: a path with a double quote cannot be passed to Flower; rename it")
+    return f'data="{spec}" partition-id={args.partition_id} num-partitions={args.num_partitions}'
+
+
+def run_supernode(args) -> int:
+    host, port = parse_address(args.server, "--server")
+    runtime_port = parse_port(args.runtime_port, "--runtime-port")
+    config = node_config(args)
+    wait_reachable(host, port, tries=args.connect_tries)
+    command = [
+        str(flower.BIN / "flower-supernode"), "--superlink", f"{host}:{port}", "--port", str(runtime_port),
+        "--node-config", config, "--max-retries", str(args.max_retries), "--max-wait-time", str(args.max_wait_time),
+    ]
+    command += ["--root-certificates", str(args.root_certificates)] if args.root_certificates else ["--insecure"]
+    flwr_home = args.flwr_home or PROJECT / ".flwr" / f"client-{runtime_port}"
+    print(f"joining {host}:{port} with {config} (local runtime port {runtime_port})", flush=True)
+    process = subprocess.Popen(command, env=flower.flower_env(flwr_home), start_new_session=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        flower.stop(process)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", required=True, help="the server's HOST:PORT, e.g. 192.168.1.20:8080")
+    parser.add_argument("--data", required=True, help="bbc, shakespeare, shakespeare:role, or this device's JSONL file / folder")
+    parser.add_argument("--partition-id", type=int, default=0, help="with a shared dataset: which partition this device holds")
+    parser.add_argument("--num-partitions", type=int, default=1, help="with a shared dataset: how many partitions there are")
+    parser.add_argument("--runtime-port", default="9094", help="local port for Flower's client runtime; give each client on one machine its own")
+    parser.add_argument("--root-certificates", type=Path, default=None, help="CA certificate for a TLS server (default: insecure)")
+    parser.add_argument("--connect-tries", type=int, default=10, help="tries (2 s apart) to reach the server before giving up")
+    parser.add_argument("--max-retries", type=int, default=30, help="reconnection attempts once connected, before giving up")
+    parser.add_argument("--max-wait-time", type=float, default=300, help="seconds to keep reconnecting before giving up")
+    parser.add_argument("--flwr-home", type=Path, default=None, help="Flower's state for this client")
+    args = parser.parse_args(argv)
+    try:
+        return run_supernode(args)
+    except EdgecoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

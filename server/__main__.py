@@ -1,0 +1,110 @@
+"""`python -m server`: host a federated run for real devices.
+
+Starts a SuperLink on HOST:PORT (one HTTP port serves the devices, the control API and the
+ServerApp), submits the app with the experiment's settings, prints each round as it lands in
+the run folder, and stops the SuperLink (by PID) when the run ends. Devices join with
+`python -m client --server THIS_HOST:PORT --data ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edgecore.errors import EdgecoreError
+from edgecore.experiment import Experiment
+from server import flower, run_config
+from server.addresses import parse_port
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def start_superlink(host: str, port: int, flwr_home: Path) -> tuple[subprocess.Popen, Path]:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    log_file = flwr_home / "superlink.log"
+    command = [
+        str(flower.BIN / "flower-superlink"), "--insecure", "--host", host, "--port", str(port),
+        "--control-api-address", f"127.0.0.1:{flower.free_port()}",
+        "--disable-runtime-dependency-installation",
+    ]
+    with log_file.open("w") as log:
+        process = subprocess.Popen(command, env=flower.flower_env(flwr_home), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    local = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "") else f"{host}:{port}"
+    flower.wait_healthy(local, process, timeout_s=60, log_file=log_file)
+    return process, log_file
+
+
+def follow_rounds(rounds_file: Path, seen: int) -> int:
+    """Print round lines that appeared since the last call; return how many were seen."""
+    if not rounds_file.exists():
+        return seen
+    lines = rounds_file.read_text().splitlines()
+    for line in lines[seen:]:
+        r = json.loads(line)
+        metric = f"accuracy {r['test_accuracy']:.1%}" if "test_accuracy" in r else f"perplexity {r['test_perplexity']:.2f}"
+        print(f"round {r['round']}: test {metric}, {len(r['clients'])} clients, {len(r['dropped'])} dropped, "
+              f"{r['round_s']:.1f} s, {r['bytes_up'] / 1e6:.2f} MB up", flush=True)
+    return len(lines)
+
+
+def serve(host: str, port: int, experiment: Experiment, flwr_home: Path, keep_alive: bool, timeout_s: float) -> dict:
+    run_dir, run_name = Path(experiment.run_dir), experiment.run_name
+    process, log_file = start_superlink(host, port, flwr_home)
+    print(f"SuperLink listening on {host}:{port} (log: {log_file}); waiting for {experiment.min_clients} clients", flush=True)
+    env = flower.flower_env(flwr_home)
+    try:
+        flower.write_connection(flwr_home, "self", f"127.0.0.1:{port}")
+        run_id = flower.submit_run(PROJECT, "self", env, run_config=run_config.as_flwr_overrides(experiment))
+        print(f"run {run_id} started; run folder {run_dir / run_name}", flush=True)
+        deadline, seen, status = time.monotonic() + timeout_s, 0, "running"
+        while time.monotonic() < deadline:
+            seen = follow_rounds(run_dir / run_name / "rounds.jsonl", seen)
+            status = flower.run_status(run_id, "self", env)
+            if status.startswith("finished"):
+                break
+            time.sleep(2)
+        follow_rounds(run_dir / run_name / "rounds.jsonl", seen)
+        if not status.startswith("finished"):
+            raise EdgecoreError(f"run {run_id} did not finish within {timeout_s:.0f} s (status {status})")
+        if status != "finished:completed":
+            logs = flower.flwr(["log", str(run_id), "self", "--show"], env).stdout
+            raise EdgecoreError(f"run {run_id} ended as {status}; its log:\n{logs[-4000:]}")
+        if keep_alive:
+            print("run finished; the SuperLink stays up (--keep-alive): stop it with Ctrl-C", flush=True)
+            process.wait()
+    finally:
+        flower.stop(process)
+    return {"run_id": run_id, "status": status, "run_folder": str(run_dir / run_name)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", default="8080", help="the one port devices and tools connect to")
+    parser.add_argument("--config", type=Path, default=None, help="experiment TOML (configs/experiments/*.toml); default: pyproject's [tool.flwr.app.config]")
+    parser.add_argument("-c", "--run-config", default="", help='overrides, e.g. "num-rounds=5 min-clients=3"')
+    parser.add_argument("--flwr-home", type=Path, default=PROJECT / ".flwr" / "server", help="Flower's state and logs for this server")
+    parser.add_argument("--timeout", type=float, default=24 * 3600, help="give up on the run after this many seconds")
+    parser.add_argument("--keep-alive", action="store_true", help="keep the SuperLink running after the run")
+    args = parser.parse_args(argv)
+    try:
+        port = parse_port(args.port, "--port")
+        experiment = run_config.pin_run_folder(run_config.resolve(args.config, args.run_config), "server")
+        outcome = serve(args.host, port, experiment, args.flwr_home, args.keep_alive, args.timeout)
+    except EdgecoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps(outcome))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
