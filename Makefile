@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-local flwr-home clean
 
 install: $(STAMP)
 
@@ -21,8 +21,19 @@ $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The federated simulation of the default experiment: SmolLM2-135M, BBC News, 4 clients.
 demo: $(STAMP)
-	$(PY) -m edgecore finetune --model smollm2-135m --data bbc --steps 40 --out runs/demo
+	$(PY) -m simulations.simulate --num-clients 4
+
+# One device, no Flower: plain LoRA fine-tuning with test accuracy before and after.
+demo-local: $(STAMP)
+	$(PY) -m edgecore finetune --model smollm2-135m --data bbc --steps 30 --eval-samples 160
+
+# A project-local FLWR_HOME whose `local` connection simulates 4 SuperNodes, for bare `flwr run .`.
+flwr-home: .flwr/home/config.toml
+.flwr/home/config.toml:
+	mkdir -p .flwr/home
+	printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 4\noptions.backend.client-resources.num-cpus = 2\n' > $@
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

