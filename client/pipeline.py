@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from edgecore import data, measure, models, wire
 from edgecore.data import Sample
@@ -74,6 +75,7 @@ def local_round(
         "bytes-up": wire.nbytes(arrays),
         "bytes-down": wire.nbytes(global_arrays),
         "partition-id": client.partition_id,
+        "torch-threads": torch.get_num_threads(),
     }
     log.info("round %d partition %d: loss %.3f -> %.3f in %.1f s", server_round, client.partition_id,
              metrics["first-loss"], metrics["train-loss"], metrics["round-s"])

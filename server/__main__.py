@@ -19,6 +19,7 @@ from edgecore.errors import EdgecoreError
 from edgecore.experiment import Experiment
 from server import flower, run_config
 from server.addresses import parse_port
+from server.run_folder import RoundPrinter
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -39,19 +40,6 @@ def start_superlink(host: str, port: int, flwr_home: Path) -> tuple[subprocess.P
     return process, log_file
 
 
-def follow_rounds(rounds_file: Path, seen: int) -> int:
-    """Print round lines that appeared since the last call; return how many were seen."""
-    if not rounds_file.exists():
-        return seen
-    lines = rounds_file.read_text().splitlines()
-    for line in lines[seen:]:
-        r = json.loads(line)
-        metric = f"accuracy {r['test_accuracy']:.1%}" if "test_accuracy" in r else f"perplexity {r['test_perplexity']:.2f}"
-        print(f"round {r['round']}: test {metric}, {len(r['clients'])} clients, {len(r['dropped'])} dropped, "
-              f"{r['round_s']:.1f} s, {r['bytes_up'] / 1e6:.2f} MB up", flush=True)
-    return len(lines)
-
-
 def serve(host: str, port: int, experiment: Experiment, flwr_home: Path, keep_alive: bool, timeout_s: float) -> dict:
     run_dir, run_name = Path(experiment.run_dir), experiment.run_name
     process, log_file = start_superlink(host, port, flwr_home)
@@ -61,19 +49,7 @@ def serve(host: str, port: int, experiment: Experiment, flwr_home: Path, keep_al
         flower.write_connection(flwr_home, "self", f"127.0.0.1:{port}")
         run_id = flower.submit_run(PROJECT, "self", env, run_config=run_config.as_flwr_overrides(experiment))
         print(f"run {run_id} started; run folder {run_dir / run_name}", flush=True)
-        deadline, seen, status = time.monotonic() + timeout_s, 0, "running"
-        while time.monotonic() < deadline:
-            seen = follow_rounds(run_dir / run_name / "rounds.jsonl", seen)
-            status = flower.run_status(run_id, "self", env)
-            if status.startswith("finished"):
-                break
-            time.sleep(2)
-        follow_rounds(run_dir / run_name / "rounds.jsonl", seen)
-        if not status.startswith("finished"):
-            raise EdgecoreError(f"run {run_id} did not finish within {timeout_s:.0f} s (status {status})")
-        if status != "finished:completed":
-            logs = flower.flwr(["log", str(run_id), "self", "--show"], env).stdout
-            raise EdgecoreError(f"run {run_id} ended as {status}; its log:\n{logs[-4000:]}")
+        status = flower.await_completion(run_id, "self", env, timeout_s, on_poll=RoundPrinter(run_dir / run_name))
         if keep_alive:
             print("run finished; the SuperLink stays up (--keep-alive): stop it with Ctrl-C", flush=True)
             process.wait()

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from edgecore.errors import EdgecoreError
 
@@ -119,12 +120,23 @@ def run_status(run_id: int, connection: str, env: dict[str, str]) -> str:
     return runs[0]["status"] if runs else "unknown"
 
 
-def wait_for_run(run_id: int, connection: str, env: dict[str, str], timeout_s: float, poll_s: float = 2.0) -> str:
-    """Block until the run finishes; return its final status (raise on timeout)."""
+def await_completion(
+    run_id: int, connection: str, env: dict[str, str], timeout_s: float,
+    on_poll: Callable[[], None] | None = None, poll_s: float = 2.0,
+) -> str:
+    """Block until the run finishes; raise with its log unless it completed."""
     deadline = time.monotonic() + timeout_s
+    status = "unknown"
     while time.monotonic() < deadline:
         status = run_status(run_id, connection, env)
+        if on_poll:
+            on_poll()
         if status.startswith("finished"):
-            return status
+            break
         time.sleep(poll_s)
-    raise EdgecoreError(f"run {run_id} did not finish within {timeout_s:.0f} s")
+    else:
+        raise EdgecoreError(f"run {run_id} did not finish within {timeout_s:.0f} s (status {status})")
+    if status != "finished:completed":
+        logs = flwr(["log", str(run_id), connection, "--show"], env).stdout
+        raise EdgecoreError(f"run {run_id} ended as {status}; the end of its log:\n{logs[-4000:]}")
+    return status

@@ -50,3 +50,22 @@ class RunFolder:
 
     def write_summary(self, summary: dict) -> None:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+class RoundPrinter:
+    """Prints the rounds that appeared in a run folder since the last call (for wrappers)."""
+
+    def __init__(self, run_folder: Path):
+        self.rounds_file = Path(run_folder) / "rounds.jsonl"
+        self.seen = 0
+
+    def __call__(self) -> None:
+        if not self.rounds_file.exists():
+            return
+        lines = self.rounds_file.read_text().splitlines()
+        for line in lines[self.seen:]:
+            r = json.loads(line)
+            metric = f"accuracy {r['test_accuracy']:.1%}" if "test_accuracy" in r else f"perplexity {r['test_perplexity']:.2f}"
+            print(f"round {r['round']}: test {metric} (n={r['test_n']}), {len(r['clients'])} clients, "
+                  f"{len(r['dropped'])} dropped, {r['round_s']:.1f} s, {r['bytes_up'] / 1e6:.2f} MB up", flush=True)
+        self.seen = len(lines)

@@ -18,6 +18,7 @@ from pathlib import Path
 from edgecore.errors import EdgecoreError
 from edgecore.experiment import Experiment
 from server import flower, run_config
+from server.run_folder import RoundPrinter
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +54,7 @@ def simulate(
     """
     flwr_home = Path(flwr_home)
     experiment = run_config.pin_run_folder(experiment, "sim")
+    run_folder = Path(experiment.run_dir) / experiment.run_name
     process, address, log_file = start_simulation_superlink(flwr_home)
     env = flower.flower_env(flwr_home)
     try:
@@ -62,14 +64,10 @@ def simulate(
         run_id = flower.submit_run(PROJECT, "sim", env, run_config=run_config.as_flwr_overrides(experiment),
                                    federation_config=federation)
         print(f"run {run_id} submitted to the simulation SuperLink at {address} (log: {log_file})", flush=True)
-        status = flower.wait_for_run(run_id, "sim", env, timeout_s)
-        logs = flower.flwr(["log", str(run_id), "sim", "--show"], env).stdout
+        status = flower.await_completion(run_id, "sim", env, timeout_s, on_poll=RoundPrinter(run_folder))
     finally:
         flower.stop(process)
-    outcome = {"run_id": run_id, "status": status, "wall_s": time.perf_counter() - started, "run_folder": str(Path(experiment.run_dir) / experiment.run_name)}
-    if status != "finished:completed":
-        raise EdgecoreError(f"run {run_id} ended as {status}; its log:\n{logs[-4000:]}")
-    return outcome
+    return {"run_id": run_id, "status": status, "wall_s": time.perf_counter() - started, "run_folder": str(run_folder)}
 
 
 def main(argv: list[str] | None = None) -> int:

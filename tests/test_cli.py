@@ -26,7 +26,7 @@ def test_finetune_help_documents_every_option():
 def test_finetune_writes_a_run_folder_that_stock_peft_loads(tmp_path):
     out = tmp_path / "run"
     done = run_cli("finetune", "--model", "tiny-micro", "--data", "bbc", "--steps", "3", "--batch-size", "4",
-                   "--seq-len", "64", "--eval-samples", "8", "--num-partitions", "4", "--partition", "dirichlet:0.5",
+                   "--seq-len", "160", "--eval-samples", "8", "--num-partitions", "4", "--partition", "dirichlet:0.5",
                    "--out", str(out), "--quiet")
     assert done.returncode == 0, done.stderr
     assert "before: accuracy" in done.stdout and "after:  accuracy" in done.stdout
