@@ -38,11 +38,7 @@ class ClientData:
 @lru_cache(maxsize=4)
 def _partition(client: ClientData, seed: int) -> tuple[data.Dataset, tuple[Sample, ...]]:
     dataset = data.load(client.spec, seed=seed)
-    if client.num_partitions == 1:
-        return dataset, tuple(dataset.train)
-    scheme, alpha = data.parse_partition_spec(client.scheme)
-    parts = data.partition(dataset.train, client.num_partitions, scheme, alpha=alpha or 0.5, seed=seed)
-    return dataset, tuple(dataset.train[i] for i in parts[client.partition_id])
+    return dataset, tuple(data.share(dataset.train, client.num_partitions, client.partition_id, client.scheme, seed=seed))
 
 
 @lru_cache(maxsize=2)

@@ -72,14 +72,9 @@ def _finetune(args) -> None:
         warmup_steps=args.warmup_steps, precision=args.precision, seed=args.seed,
     )
     out = _check_out(args.out)
-    scheme, alpha = data.parse_partition_spec(args.partition)
+    data.parse_partition_spec(args.partition)  # a typo fails before the data loads
     dataset = data.load(args.data, seed=args.seed)
-    train_samples = dataset.train
-    if args.num_partitions > 1 or args.partition_id:
-        if not 0 <= args.partition_id < args.num_partitions:
-            raise EdgecoreError(f"--partition-id {args.partition_id} must be in [0, {args.num_partitions - 1}]")
-        parts = data.partition(train_samples, args.num_partitions, scheme, alpha=alpha or 0.5, seed=args.seed)
-        train_samples = [train_samples[i] for i in parts[args.partition_id]]
+    train_samples = data.share(dataset.train, args.num_partitions, args.partition_id, args.partition, seed=args.seed)
     held_out = getattr(dataset, args.eval_split)
     if args.eval_samples:
         held_out = held_out[: args.eval_samples]

@@ -64,25 +64,45 @@ def known_models() -> list[str]:
     return [SMOLLM2, *TINY_MODELS]
 
 
-def load(
-    name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0
-) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Return (model, tokenizer) in eval mode. Nothing is ever fetched from the hub."""
+def _kind(name_or_path: str) -> str:
+    """Which source a name points to: "smollm2", "tiny" or "folder" (or a clear error)."""
     if name_or_path == SMOLLM2:
-        model, tokenizer = _load_local(smollm2_cache(), dtype)
-    elif name_or_path in TINY_MODELS:
-        model, tokenizer = _tiny(TINY_MODELS[name_or_path], dtype, seed)
-    elif name_or_path.startswith("tiny-"):
-        raise EdgecoreError(
-            f"unknown tiny model {name_or_path!r}: choose one of {', '.join(TINY_MODELS)}"
-        )
-    elif Path(name_or_path).is_dir():
-        model, tokenizer = _load_local(Path(name_or_path), dtype)
-    else:
+        return "smollm2"
+    if name_or_path in TINY_MODELS:
+        return "tiny"
+    if name_or_path.startswith("tiny-"):
+        raise EdgecoreError(f"unknown tiny model {name_or_path!r}: choose one of {', '.join(TINY_MODELS)}")
+    folder = Path(name_or_path)
+    if not folder.is_dir():
         raise EdgecoreError(
             f"model {name_or_path!r} is neither a known name ({', '.join(known_models())}) "
             "nor a local Hugging Face model folder (a directory with config.json and weights)"
         )
+    if not (folder / "config.json").is_file():
+        raise EdgecoreError(f"model folder {folder} has no config.json: is it a Hugging Face model folder?")
+    return "folder"
+
+
+def check_source(name_or_path: str) -> None:
+    """Fail now, with the fix, if `load` could not find the model; no weights are loaded.
+
+    For SmolLM2 this also verifies the GGUF and builds the safetensors cache once.
+    """
+    if _kind(name_or_path) == "smollm2":
+        smollm2_cache()
+
+
+def load(
+    name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Return (model, tokenizer) in eval mode. Nothing is ever fetched from the hub."""
+    kind = _kind(name_or_path)
+    if kind == "smollm2":
+        model, tokenizer = _load_local(smollm2_cache(), dtype)
+    elif kind == "tiny":
+        model, tokenizer = _tiny(TINY_MODELS[name_or_path], dtype, seed)
+    else:
+        model, tokenizer = _load_local(Path(name_or_path), dtype)
     _check_contract(model, name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -99,8 +119,6 @@ def _check_contract(model: PreTrainedModel, source: str) -> None:
 
 
 def _load_local(folder: Path, dtype: torch.dtype):
-    if not (folder / "config.json").is_file():
-        raise EdgecoreError(f"model folder {folder} has no config.json: is it a Hugging Face model folder?")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         port = parse_port(args.port, "--port")
         experiment = run_config.pin_run_folder(run_config.resolve(args.config, args.run_config), "server")
+        run_config.preflight(experiment)
         outcome = serve(args.host, port, experiment, args.flwr_home, args.keep_alive, args.timeout)
     except EdgecoreError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from edgecore import data, models, wire
 from edgecore.encoding import Encoder
@@ -20,8 +21,6 @@ class GlobalModel:
         self.experiment = experiment
         base, tokenizer = models.load(experiment.model, seed=experiment.seed)
         # Seeded so every run starts from the same adapter (LoRA B is zero, A is random).
-        import torch
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(experiment.seed)
             self.model = add_lora(base, experiment.lora())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
+from edgecore import data, models
 from edgecore.errors import EdgecoreError
 from edgecore.experiment import Experiment
 
@@ -42,3 +43,9 @@ def pin_run_folder(experiment: Experiment, prefix: str) -> Experiment:
         run_dir=str(Path(experiment.run_dir).resolve()),
         run_name=experiment.run_name or time.strftime(f"{prefix}-%Y%m%d-%H%M%S"),
     )
+
+
+def preflight(experiment: Experiment) -> None:
+    """Check the server's own model and data before a SuperLink starts and devices join."""
+    models.check_source(experiment.model)
+    data.load(experiment.data, seed=experiment.seed)

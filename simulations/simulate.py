@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         experiment = run_config.resolve(args.config, args.run_config)
+        run_config.preflight(experiment)
         outcome = simulate(args.num_clients, experiment, timeout_s=args.timeout)
     except EdgecoreError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -51,7 +51,7 @@ def test_finetune_writes_a_run_folder_that_stock_peft_loads(tmp_path):
     (["--model", "no-such-model"], "neither a known name"),
     (["--steps", "0"], "steps=0"),
     (["--precision", "fp8"], "invalid choice"),
-    (["--num-partitions", "2", "--partition-id", "5"], "--partition-id 5"),
+    (["--num-partitions", "2", "--partition-id", "5"], "partition id 5"),
     (["--partition", "zipf"], "zipf"),
 ])
 def test_bad_input_is_one_clear_line_without_a_traceback(tmp_path, args, message):

@@ -51,6 +51,34 @@ def test_bad_updates_are_screened_out_with_a_reason():
     assert "lacks" in strategy.problems(RecordDict({"metrics": MetricRecord({"num-examples": 3})}))[0]
 
 
+def test_a_round_goes_on_without_the_bad_updates(monkeypatch):
+    from flwr.app import ConfigRecord, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field, value in (("run_id", 1), ("task_id", 1), ("node_id", 0)):  # what a real run sets
+        monkeypatch.setattr(TaskIdentity, f"_{field}", value)
+    strategy = ValidatedFedAvg(max_update_norm=50.0)
+    strategy.global_arrays = ref = _reference_arrays()
+    name = sorted(ref)[0]
+    updates = {
+        11: _content({k: v + 0.1 for k, v in ref.items()}, examples=10),
+        12: _content({k: v + 0.5 for k, v in ref.items()}, examples=30),
+        13: _content({**ref, name: np.full_like(ref[name], np.nan)}, examples=500),
+        14: _content({**ref, name: np.zeros((2, 2), np.float32)}, examples=500),
+    }
+    replies = []
+    for node, content in updates.items():
+        instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
+        replies.append(Message(content, reply_to=instruction))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    for key, value in arrays.items():
+        np.testing.assert_allclose(value.numpy(), ref[key] + 0.4, rtol=1e-6, atol=1e-6)
+    assert [c["node_id"] for c in strategy.round_clients[1]] == [11, 12]
+    dropped = {d["node_id"]: d["reason"] for d in strategy.round_dropped[1]}
+    assert "non-finite" in dropped[13] and "shape" in dropped[14]
+
+
 def _overrides(values: dict) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
@@ -158,6 +186,8 @@ def test_client_refuses_missing_data_before_connecting(tmp_path):
     (["-c", "num-rounds=0"], "num-rounds = 0"),
     (["-c", "no-such-key=1"], "unknown key 'no-such-key'"),
     (["--config", "missing.toml"], "does not exist"),
+    (["-c", 'data="nowhere.jsonl"'], "nowhere.jsonl"),
+    (["-c", 'model="tiny-giant"'], "unknown tiny model"),
 ])
 def test_server_refuses_bad_settings_before_starting(args, message):
     done = _cli("-m", "server", *args)

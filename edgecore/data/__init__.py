@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgecore.data.partition import SCHEMES as PARTITION_SCHEMES
-from edgecore.data.partition import label_skew, parse_partition_spec, partition
+from edgecore.data.partition import label_skew, parse_partition_spec, partition, share
 from edgecore.data.splits import Dataset, Sample, make_dataset, split_indices
 from edgecore.errors import EdgecoreError
 
@@ -26,6 +26,7 @@ __all__ = [
     "make_dataset",
     "parse_partition_spec",
     "partition",
+    "share",
     "split_indices",
 ]
 

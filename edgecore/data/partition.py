@@ -167,3 +167,12 @@ def label_skew(samples: Sequence[Sample], parts: list[list[int]]) -> float:
             counts[samples[i].group] += 1
         shares.append(max(counts.values()) / len(part))
     return float(np.mean(shares))
+
+
+def share(samples: Sequence[Sample], num_partitions: int, partition_id: int, spec: str = "iid", *, seed: int = 0) -> list[Sample]:
+    """The samples client `partition_id` of `num_partitions` trains on (all of them when alone)."""
+    if not 0 <= partition_id < num_partitions:
+        raise EdgecoreError(f"partition id {partition_id} must be in [0, {num_partitions - 1}] for {num_partitions} partitions")
+    if num_partitions == 1:
+        return list(samples)
+    return [samples[i] for i in partition(samples, num_partitions, spec, seed=seed)[partition_id]]

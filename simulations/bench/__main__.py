@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2))
     for row in report["results"]:
         print(json.dumps(row))
+    for name, value in report.get("ratios", {}).items():
+        print(f"ratio {name}: {value:.3g}")
     for goal in report["targets"]:
         print(f"target {goal['metric']}: {goal['value']:.3g} vs {goal['target']:.3g} -> {'met' if goal['met'] else 'NOT met'}")
     return 0
