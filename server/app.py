@@ -32,7 +32,7 @@ def main(grid: Grid, context: Context) -> None:
         keep_updates=experiment.save_client_updates,
         fraction_train=experiment.fraction_train,
         fraction_evaluate=0.0,  # evaluation happens here, on the held-out test split
-        min_train_nodes=experiment.min_clients,
+        min_train_nodes=max(1, round(experiment.fraction_train * experiment.min_clients)),
         min_available_nodes=experiment.min_clients,
     )
     started = time.perf_counter()
