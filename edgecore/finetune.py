@@ -23,6 +23,7 @@ from edgecore import lm, measure
 from edgecore.data import Sample
 from edgecore.encoding import Batch, Encoder, collate
 from edgecore.errors import EdgecoreError
+from edgecore.luc.layer import register_peft
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def add_lora(model, lora: LoraSettings) -> PeftModel:
         target_modules=list(lora.targets),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    # Registering LUC's compressed layer lets LoRA wrap it; dense models are unaffected.
+    return get_peft_model(model, register_peft(config))
 
 
 def batches(encoder: Encoder, samples: Sequence[Sample], batch_size: int, seed: int) -> Iterator[Batch]:
