@@ -166,9 +166,11 @@ def verify_smollm2_gguf(path: Path) -> None:
 def smollm2_cache() -> Path:
     """The safetensors copy of the packaged GGUF, converted on first use.
 
-    The cache is keyed by the GGUF's checksum and stamped with the file's size and mtime, so
-    a reinstalled or damaged package is verified and converted again. Conversion writes to a
-    temporary folder and renames it, so parallel processes never see a half-written cache.
+    The cache folder is named by the GGUF's checksum and stamped with the file's path, size
+    and mtime. A matching stamp skips all checks; a GGUF at a new path (a new virtualenv) or
+    with a new mtime is verified again (~0.3 s) and re-stamped, and converted only when no
+    cache exists yet. Conversion writes to a temporary folder and renames it, so parallel
+    processes never see a half-written cache.
     """
     gguf = smollm2_gguf()
     stat = gguf.stat()
@@ -178,6 +180,9 @@ def smollm2_cache() -> Path:
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return target
     verify_smollm2_gguf(gguf)
+    if stamp_file.is_file():
+        stamp_file.write_text(json.dumps(stamp))  # same verified content, found at a new place
+        return target
     _convert_gguf(gguf, target, stamp)
     return target
 

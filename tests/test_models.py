@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -90,3 +92,15 @@ def test_smollm2_loads_offline_as_a_plain_llama():
     with torch.no_grad():
         next_token = model(ids).logits[0, -1].argmax()
     assert "Paris" in tokenizer.decode(next_token)
+
+
+@needs_smollm2
+def test_cache_moved_gguf_is_reverified_not_reconverted(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGECORE_CACHE", str(tmp_path))
+    target = tmp_path / "models" / f"{models.SMOLLM2}-{models.SMOLLM2_SHA256[:12]}"
+    target.mkdir(parents=True)
+    stale = {"gguf": "/elsewhere/old-venv/x.gguf", "size": 1, "mtime_ns": 1, "sha256": models.SMOLLM2_SHA256}
+    (target / "edgecore-source.json").write_text(json.dumps(stale))
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("must not convert again"))
+    assert models.smollm2_cache() == target
+    assert json.loads((target / "edgecore-source.json").read_text())["gguf"] == str(models.smollm2_gguf())
