@@ -1,0 +1,551 @@
+"""Peak memory of one LoRA training step: an estimate from the model's shape, and a measurement.
+
+The estimate counts what a step really holds at its peak, term by term (`MemoryEstimate`):
+
+- weights: the base weights as stored (dense fp32 by default; compression passes its size),
+  all layers, even those above the window that never run (an upper bound where the weights
+  are memory-mapped, as untouched pages stay out of the RSS);
+- overhead: what loading a model adds besides its weights (tokenizer, module objects);
+- adapters, grads, optimizer: LoRA parameters (fp32), their gradients and AdamW's two states;
+- activations: every tensor autograd saves for the backward pass (see `saved_bytes_per_token`);
+- weight_copies: under bf16 autocast, the bf16 cast of every frozen weight a trained layer
+  uses is saved for the backward pass too (batch-independent, half the dense weights);
+- logits: the log-probabilities of the answer tokens only (the LM head runs on those rows);
+- transient: short-lived buffers at the peak (MLP gradients, the logits' gradient);
+- allocator: glibc's heap keeps freed activation memory and fragments it; with the default
+  (dynamic) mmap threshold a process's peak RSS holds about one more copy of the saved
+  activations. `limit_heap_fragmentation()` switches that off (see its docstring).
+
+All figures are MiB (2**20 bytes), as `edgecore.measure` reports them.
+
+The measurement (`measure_training_peak`) follows the project's memory contract: a fresh
+Python process imports torch, transformers, peft and edgecore, records its RSS as the runtime
+floor, loads the model, adds LoRA, runs a few `edgecore.finetune.train` steps, and reports the
+peak RSS minus the floor. SmolLM2's weights are memory-mapped from the safetensors cache: the
+pages count once in the RSS (as file-backed pages, once the forward pass has touched them),
+not twice, so `weights` is simply the stored size.
+
+Calibration (2-core x86 CPU, torch 2.13, sdpa attention, LoRA r=8 on q,k,v,o): the saved
+bytes per token are exact (checked tensor by tensor against autograd's saved tensors in
+tests/test_memory.py, for fp32 and bf16, windows, MLP targets, no dropout, eager attention).
+`OVERHEAD_*` and `TRANSIENT_PER_TOKEN_I` were fitted to peaks measured with the heap limited
+(tiny-5m and SmolLM2-135M at batch 4, 8, 16): there the total is within 1% of the measured
+peak, and within 4% on runs not used for fitting (SmolLM2 with 508 answer tokens, tiny-micro,
+bf16). `GLIBC_FRAGMENTATION` is a mean: under glibc's default heap the same step measured
+five times on tiny-5m spread from 284 to 327 MiB, so expect +-10% there.
+
+A later planner asks "which window fits budget B" by varying `StepPlan.window` and calling
+`estimate_step` again: the estimate is a pure function of (shape, plan), cheap to call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from edgecore.errors import EdgecoreError
+
+MIB = 1 << 20
+FP32 = 4
+BF16 = 2
+PRECISIONS = ("fp32", "bf16")
+ATTENTIONS = ("sdpa", "eager")
+ALLOCATORS = ("glibc", "returning")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# Fitted to measured peaks (see the module docstring); everything else is counted exactly.
+OVERHEAD_BASE_MB = 26.0  # module objects, autograd engine, oneDNN and thread pools beyond the floor
+OVERHEAD_PER_VOCAB_MB = 0.00053  # the tokenizer grows with its vocabulary (~550 B per entry)
+TRANSIENT_PER_TOKEN_I = 3  # MLP backward: three (tokens x intermediate) gradients alive at once
+GLIBC_FRAGMENTATION = 0.9  # extra RSS per MiB of saved tensors under glibc's default heap policy
+
+# Modules that read the input layernorm's output: in the first trained layer their input has
+# no gradient, so neither the norm nor their dropout mask nor their weight cast is saved.
+_NORM_FED = ("q_proj", "k_proj", "v_proj")
+# Which tensor each linear reads, where several read the same one.
+_INPUT_OF = {"q_proj": "norm1", "k_proj": "norm1", "v_proj": "norm1", "gate_proj": "norm2", "up_proj": "norm2"}
+
+
+# ---------------------------------------------------------------- the model's shape
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-style decoder that memory depends on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = True
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        """From a transformers config (or a model, whose .config is used)."""
+        config = getattr(config, "config", config)
+        try:
+            heads = config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            return cls(
+                hidden=config.hidden_size,
+                intermediate=config.intermediate_size,
+                layers=config.num_hidden_layers,
+                heads=heads,
+                kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                head_dim=head_dim,
+                vocab=config.vocab_size,
+                tied=bool(getattr(config, "tie_word_embeddings", True)),
+            )
+        except AttributeError as err:
+            raise EdgecoreError(
+                f"model config {type(config).__name__} lacks a field the memory estimate needs ({err}); "
+                "use a Llama-style causal LM config (hidden_size, intermediate_size, num_hidden_layers, ...)"
+            ) from None
+
+    @classmethod
+    def from_name(cls, name_or_path: str) -> "ModelShape":
+        """The shape of a model `edgecore.models.load` knows, without loading its weights."""
+        from edgecore import models
+
+        if name_or_path in models.TINY_MODELS:
+            spec = models.TINY_MODELS[name_or_path]
+            vocab = len(models.byte_tokenizer())
+            head_dim = spec.hidden // spec.heads
+            return cls(spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, head_dim, vocab)
+        folder = models.smollm2_cache() if name_or_path == models.SMOLLM2 else Path(name_or_path)
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise EdgecoreError(f"{config_file} not found: {name_or_path!r} is not a model edgecore can load")
+        from transformers import AutoConfig
+
+        return cls.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear in one decoder layer."""
+        h, i = self.hidden, self.intermediate
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
+    def layer_params(self) -> int:
+        return sum(a * b for a, b in self.linears().values()) + 2 * self.hidden  # + two norms
+
+    @property
+    def num_params(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * self.layer_params + embeddings + self.hidden  # + the final norm
+
+    def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
+        """LoRA parameters of one layer: A is (r x in), B is (out x r)."""
+        dims = self.linears()
+        return sum(r * (dims[t][0] + dims[t][1]) for t in targets)
+
+
+# ---------------------------------------------------------------- what one step does
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One LoRA training step: its batch, adapters, precision and trained window."""
+
+    batch: int = 8
+    seq_len: int = 128
+    lora_r: int = 8
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    lora_dropout: float = 0.05
+    precision: str = "fp32"  # compute: "fp32", or "bf16" autocast over fp32-stored weights
+    window: tuple[int, int] | None = None  # inclusive [first, last] trained layers; None = all
+    answer_tokens: int | None = None  # answer tokens per batch (LM-head rows); None = batch
+    weight_bytes: int | None = None  # base weights as stored; None = dense fp32
+    attention: str = "sdpa"
+    allocator: str = "glibc"  # "returning" once limit_heap_fragmentation() is in effect
+
+    def check(self, shape: ModelShape) -> None:
+        """Raise EdgecoreError naming the field when the plan does not fit the model."""
+        for name in ("batch", "seq_len", "lora_r"):
+            if getattr(self, name) < 1:
+                raise EdgecoreError(f"step plan: {name} = {getattr(self, name)} must be at least 1")
+        for name, allowed in (("precision", PRECISIONS), ("attention", ATTENTIONS), ("allocator", ALLOCATORS)):
+            if getattr(self, name) not in allowed:
+                raise EdgecoreError(f"step plan: {name} = {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        unknown = [t for t in self.lora_targets if t not in shape.linears()]
+        if unknown or not self.lora_targets:
+            raise EdgecoreError(
+                f"step plan: lora_targets {list(self.lora_targets)} must be a non-empty subset of {list(shape.linears())}"
+            )
+        first, last = self.trained_layers(shape)
+        if not 0 <= first <= last < shape.layers:
+            raise EdgecoreError(
+                f"step plan: window = {self.window} must satisfy 0 <= first <= last < {shape.layers} (the model's layers)"
+            )
+        if self.answer_tokens is not None and self.answer_tokens < 1:
+            raise EdgecoreError(f"step plan: answer_tokens = {self.answer_tokens} must be at least 1")
+        if self.weight_bytes is not None and self.weight_bytes < 0:
+            raise EdgecoreError(f"step plan: weight_bytes = {self.weight_bytes} must not be negative")
+
+    def trained_layers(self, shape: ModelShape) -> tuple[int, int]:
+        return self.window if self.window is not None else (0, shape.layers - 1)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def head_rows(self) -> int:
+        return self.answer_tokens if self.answer_tokens is not None else self.batch
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of one training step above the runtime floor, term by term, in MiB."""
+
+    weights_mb: float
+    overhead_mb: float
+    adapters_mb: float
+    grads_mb: float
+    optimizer_mb: float
+    activations_mb: float
+    weight_copies_mb: float
+    logits_mb: float
+    transient_mb: float
+    allocator_mb: float
+
+    @property
+    def total_mb(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    @property
+    def saved_mb(self) -> float:
+        """What autograd holds for the backward pass."""
+        return self.activations_mb + self.weight_copies_mb + self.logits_mb
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "total_mb": self.total_mb}
+
+
+def saved_bytes_per_token(shape: ModelShape, plan: StepPlan, *, first: bool = False) -> int:
+    """Bytes autograd saves per token in one trained decoder layer.
+
+    `first` is the lowest trained layer: its input carries no gradient, so what only the
+    input's gradient would need is not saved. Counted op by op (transformers' Llama layer,
+    peft's LoRA, CPU kernels): RMSNorm saves its fp32 input and the per-token rsqrt; SDPA
+    saves q, k, v, its output and a per-head logsumexp; the SiLU-gated MLP saves gate, SiLU
+    and up outputs; frozen linears save nothing per token (only the weight, which exists
+    anyway); each LoRA target saves its dropout noise, lora_A's input and lora_B's input.
+    """
+    act = FP32 if plan.precision == "fp32" else BF16  # dtype of matmul outputs
+    stream = FP32  # the residual stream and RMSNorm stay fp32 (fp32-stored model)
+    h, i = shape.hidden, shape.intermediate
+    norm = stream * h + FP32
+    total = norm + (0 if first else norm)
+    total += _attention_bytes(shape, plan, act)
+    total += act * 3 * i
+    dims = shape.linears()
+    shared_inputs: set[str] = set()
+    for target in plan.lora_targets:
+        d_in = dims[target][0]
+        needs_input_grad = not (first and target in _NORM_FED)
+        if plan.lora_dropout > 0:
+            # CPU dropout multiplies by a noise tensor saved for backward: 4 bytes per element
+            # measured for fp32 inputs and for bf16 ones alike; none when no gradient flows.
+            total += FP32 * d_in if needs_input_grad else 0
+            total += act * d_in  # lora_A's input: this target's own dropout output
+        else:
+            # Without dropout lora_A saves the module's input itself. In fp32 that tensor is
+            # shared: q/k/v read one norm output, gate/up another, and o_proj's input is a
+            # view of the output SDPA already saved. Under autocast each lora_A keeps its own
+            # bf16 cast.
+            source = _INPUT_OF.get(target, target)
+            shared = source in shared_inputs or (target == "o_proj" and plan.attention == "sdpa")
+            total += act * d_in if act == BF16 or not shared else 0
+            shared_inputs.add(source)
+        total += act * plan.lora_r  # lora_B's input
+    return total
+
+
+def _attention_bytes(shape: ModelShape, plan: StepPlan, act: int) -> int:
+    """Per token: SDPA keeps q, k, v, output and logsumexp; eager keeps the score matrix too."""
+    if plan.attention == "sdpa":
+        return act * (2 * shape.q_dim + 2 * shape.kv_dim) + FP32 * shape.heads
+    # eager: q and the head-repeated k and v, the fp32 softmax output and (bf16) its cast
+    scores = shape.heads * plan.seq_len
+    return act * 3 * shape.q_dim + FP32 * scores + (act if act != FP32 else 0) * scores
+
+
+def weight_copy_bytes(shape: ModelShape, plan: StepPlan) -> int:
+    """bf16 casts of weights that autocast hands to autograd: every linear of every trained
+    layer (none of q/k/v's bases in the first, whose input has no gradient), the LoRA
+    matrices, and the LM head. Zero in fp32, where the stored weights themselves are used."""
+    if plan.precision == "fp32":
+        return 0
+    first, last = plan.trained_layers(shape)
+    dims = shape.linears()
+    per_layer = sum(a * b for a, b in dims.values()) + shape.lora_params(plan.lora_r, plan.lora_targets)
+    norm_fed = sum(a * b for name, (a, b) in dims.items() if name in _NORM_FED)
+    params = (last - first + 1) * per_layer - norm_fed + shape.vocab * shape.hidden
+    return BF16 * params
+
+
+def estimate_step(model: Any, plan: StepPlan | None = None, **changes: Any) -> MemoryEstimate:
+    """Peak memory (MiB above the runtime floor) of one LoRA training step.
+
+    `model` is a ModelShape, a transformers config or model, or a model name edgecore can
+    load; `changes` override fields of `plan` (e.g. ``estimate_step("tiny-5m", batch=4)``).
+    """
+    shape = _as_shape(model)
+    plan = replace(plan or StepPlan(), **changes)
+    plan.check(shape)
+    first, last = plan.trained_layers(shape)
+    trained = last - first + 1
+    act = FP32 if plan.precision == "fp32" else BF16
+    weight_bytes = plan.weight_bytes if plan.weight_bytes is not None else FP32 * shape.num_params
+    lora_all = shape.layers * shape.lora_params(plan.lora_r, plan.lora_targets)
+    lora_trained = trained * shape.lora_params(plan.lora_r, plan.lora_targets)
+    per_token = saved_bytes_per_token(shape, plan, first=True)
+    per_token += (trained - 1) * saved_bytes_per_token(shape, plan)
+    per_token += FP32 * shape.hidden + FP32  # the final norm (before the head's row selection)
+    # RoPE's cos and sin, shared by every layer (autocast keeps one bf16 cast instead).
+    rope = (2 * FP32 if act == FP32 else BF16) * plan.seq_len * shape.head_dim
+    activations = (plan.tokens * per_token + rope) / MIB
+    logits = FP32 * plan.head_rows * shape.vocab / MIB  # log-softmax output, always fp32
+    copies = weight_copy_bytes(shape, plan) / MIB
+    # The MLP backward of the top layer holds its gradients while the whole forward is saved;
+    # the logits' gradient (two tensors of the log-probs' size) is alive just before it.
+    transient = max(TRANSIENT_PER_TOKEN_I * act * plan.tokens * shape.intermediate / MIB, 2 * logits)
+    fragmentation = GLIBC_FRAGMENTATION * (activations + copies) if plan.allocator == "glibc" else 0.0
+    return MemoryEstimate(
+        weights_mb=weight_bytes / MIB,
+        overhead_mb=OVERHEAD_BASE_MB + OVERHEAD_PER_VOCAB_MB * shape.vocab,
+        adapters_mb=FP32 * lora_all / MIB,
+        grads_mb=FP32 * lora_trained / MIB,
+        optimizer_mb=2 * FP32 * lora_trained / MIB,  # AdamW: exp_avg and exp_avg_sq
+        activations_mb=activations,
+        weight_copies_mb=copies,
+        logits_mb=logits,
+        transient_mb=transient,
+        allocator_mb=fragmentation,
+    )
+
+
+def _as_shape(model: Any) -> ModelShape:
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, str):
+        return ModelShape.from_name(model)
+    return ModelShape.from_config(model)
+
+
+# ---------------------------------------------------------------- the allocator
+
+
+_heap_limited = False
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+
+
+def limit_heap_fragmentation(threshold_bytes: int = 64 * 1024) -> bool:
+    """Serve every allocation above `threshold_bytes` from its own mapping (glibc only).
+
+    glibc raises its mmap threshold each time a large block is freed, so after the first
+    training step activations (MiB-sized) come from the heap, whose freed space is kept and
+    fragments: a step's peak RSS then holds about twice its saved activations. Fixing the
+    threshold returns every freed activation to the OS at once (measured: 1995 instead of
+    3093-3448 MiB for SmolLM2 at batch 8 x 128). The price is a page fault per fresh page
+    of every large allocation, so steps may run slower: time it before making it a default.
+    Returns False where the C
+    library has no mallopt (musl, macOS); the process is then left unchanged.
+    """
+    global _heap_limited
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError, TypeError):
+        return False
+    _heap_limited = _heap_limited or ok
+    return ok
+
+
+def allocator_in_effect() -> str:
+    """"returning" when this process limited heap fragmentation (call or environment), else "glibc"."""
+    return "returning" if _heap_limited or "MALLOC_MMAP_THRESHOLD_" in os.environ else "glibc"
+
+
+# ---------------------------------------------------------------- the measurement
+
+
+def measure_training_peak(
+    model_name: str,
+    batch: int,
+    seq_len: int,
+    steps: int = 2,
+    *,
+    lora_r: int = 8,
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS,
+    lora_dropout: float = 0.05,
+    precision: str = "fp32",
+    data: str = "synthetic",
+    limit_heap: bool = False,
+    timeout_s: float = 900,
+) -> dict:
+    """Peak RSS of `steps` LoRA training steps in a fresh process, minus its runtime floor.
+
+    Returns the child's report: floor_mb, loaded_mb, peak_mb (above the floor), the batch's
+    real length and answer tokens (`plan_fields` to rebuild the StepPlan), and step_s.
+    `data` is "synthetic" (every sequence exactly seq_len tokens, one answer token) or a
+    dataset spec for `edgecore.data.load` such as "bbc".
+    """
+    from edgecore import models
+
+    models.check_source(model_name)  # a wrong name fails here, in seconds, with its fix
+    request = {
+        "model": model_name,
+        "batch": batch,
+        "seq_len": seq_len,
+        "steps": steps,
+        "lora_r": lora_r,
+        "lora_targets": list(lora_targets),
+        "lora_dropout": lora_dropout,
+        "precision": precision,
+        "data": data,
+        "limit_heap": limit_heap,
+    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "edgecore.memory", json.dumps(request)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            cwd=root,
+        )
+    except subprocess.TimeoutExpired:
+        raise EdgecoreError(f"the memory measurement of {model_name} took over {timeout_s:.0f} s; lower batch or steps") from None
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise EdgecoreError(f"the memory measurement of {model_name} failed (exit {done.returncode}):\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plan_from_report(report: dict, **changes: Any) -> StepPlan:
+    """The StepPlan that describes what a measurement really ran."""
+    plan = dict(report["plan_fields"], lora_targets=tuple(report["plan_fields"]["lora_targets"]))
+    return replace(StepPlan(**plan), **changes)
+
+
+def _synthetic(seq_len: int, count: int):
+    """Classification samples long enough to fill seq_len, with one-token answers."""
+    import random
+
+    from edgecore.data import Dataset, Sample
+
+    rng = random.Random(0)
+    words = "the market team phone bank goal chip web shares profit match coach software film vote".split()
+    letters = ("a", "b", "c", "d")  # " a" is one token under byte-level BPE and SmolLM2 alike
+    samples = [
+        Sample(" ".join(rng.choice(words) for _ in range(seq_len)), letters[k % 4], letters[k % 4])
+        for k in range(count)
+    ]
+    return Dataset("synthetic", samples, samples[:4], samples[:4], letters, "Which letter fits?")
+
+
+def _child(request: dict) -> dict:
+    """Runs in the fresh process: floor after imports, then load, LoRA and training."""
+    if request["limit_heap"]:
+        limit_heap_fragmentation()
+    import peft  # noqa: F401  (part of the floor: everything a client imports)
+    import torch
+    import transformers  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported lazily on first load)
+
+    from edgecore import data as datasets
+    from edgecore import measure, models
+    from edgecore.encoding import Encoder
+    from edgecore.finetune import LoraSettings, TrainSettings, add_lora, batches, train
+
+    torch.manual_seed(0)
+    floor = measure.rss_mb()
+    model, tokenizer = models.load(request["model"])
+    loaded = measure.rss_mb() - floor
+    lora = LoraSettings(r=request["lora_r"], dropout=request["lora_dropout"], targets=tuple(request["lora_targets"]))
+    model = add_lora(model, lora)
+    if request["data"] == "synthetic":
+        dataset = _synthetic(request["seq_len"], 4 * request["batch"])
+    else:
+        dataset = datasets.load(request["data"])
+    encoder = Encoder(tokenizer, dataset, max_len=request["seq_len"])
+    settings = TrainSettings(
+        steps=request["steps"], batch_size=request["batch"], seq_len=request["seq_len"], precision=request["precision"]
+    )
+    # The same seeded batches train() will draw: their real length and answer-token count.
+    stream = batches(encoder, dataset.train, settings.batch_size, settings.seed)
+    drawn = [next(stream) for _ in range(settings.steps)]
+    length = max(b.input_ids.shape[1] for b in drawn)
+    answers = max(b.num_target_tokens for b in drawn)
+    del drawn, stream
+    report = train(model, encoder, dataset.train, settings, progress=False)
+    return {
+        "request": request,
+        "floor_mb": floor,
+        "loaded_mb": loaded,
+        "peak_mb": report.peak_rss_mb - floor,
+        "step_s": report.mean_step_s,
+        "allocator": allocator_in_effect(),
+        "plan_fields": {
+            "batch": request["batch"],
+            "seq_len": length,
+            "lora_r": request["lora_r"],
+            "lora_targets": tuple(request["lora_targets"]),
+            "lora_dropout": request["lora_dropout"],
+            "precision": report.precision,
+            "answer_tokens": answers,
+            "allocator": allocator_in_effect(),
+        },
+    }
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m edgecore.memory '<json request>'  (see measure_training_peak)", file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(_child(json.loads(argv[0]))))
+    except EdgecoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
