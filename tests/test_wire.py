@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from edgecore import EdgecoreError, models, wire
 from edgecore.finetune import LoraSettings, add_lora
