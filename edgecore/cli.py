@@ -122,11 +122,93 @@ def _metrics_line(metrics: dict) -> str:
     return ", ".join(parts)
 
 
+def _compress_parser(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="LUC: per-layer sparsity and bit-width for a device's memory budget",
+        description="Measure each decoder layer's sensitivity to every compression the device "
+        "profile allows (KL to the dense model on calibration samples of your data; cached), "
+        "choose per-layer sparsity and bits that minimise total sensitivity within the weight "
+        "budget (multiple-choice knapsack), compress (Wanda pruning, packed group-wise "
+        "quantization) and save the model folder, which reloads without recompressing.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-micro, tiny-5m, or a local Hugging Face model folder")
+    p.add_argument("--device", required=True, help="device profile: a shipped name (e.g. pi-zero-2w), a TOML file, or 'local'")
+    p.add_argument("--data", default="bbc", help="calibration data: bbc, shakespeare, shakespeare:role, or a JSONL file / folder")
+    p.add_argument("--weight-budget-mb", type=float, default=None, help="budget for the stored weights in MiB (default: the profile's budget minus the tuning step's state)")
+    p.add_argument("--batch", type=int, default=4, help="tuning batch the budget leaves room for")
+    p.add_argument("--seq-len", type=int, default=128, help="tuning sequence length the budget leaves room for")
+    p.add_argument("--tuning-window", type=int, default=1, help="layers trained per step that the budget leaves room for")
+    p.add_argument("--calib-samples", type=int, default=8, help="calibration sequences from the training split")
+    p.add_argument("--calib-len", type=int, default=128, help="tokens per calibration sequence")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size")
+    p.add_argument("--seed", type=int, default=0, help="seed for the data split and the calibration draw")
+    p.add_argument("--out", type=Path, default=None, help="folder for the compressed model (default runs/compressed/MODEL-DEVICE)")
+    p.add_argument("--json", type=Path, default=None, help="also write the table, totals and policy to this JSON file")
+    p.add_argument("--no-cache", action="store_true", help="measure sensitivity again even if a cached table exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_compress)
+
+
+def _compress(args) -> None:
+    from edgecore.luc import compress as luc
+    from edgecore.luc import pipeline
+    from edgecore.memory import MIB, ModelShape
+    from edgecore.profiles import resolve_profile
+
+    # Every input is checked before the slow work starts.
+    profile = resolve_profile(args.device)
+    shape = ModelShape.from_name(args.model)
+    plan = luc.default_tuning_plan(shape, args.batch, args.seq_len, args.tuning_window)
+    budget = None if args.weight_budget_mb is None else int(args.weight_budget_mb * MIB)
+    if budget is not None and budget <= 0:
+        raise EdgecoreError(f"--weight-budget-mb {args.weight_budget_mb} must be positive")
+    out = args.out or pipeline.default_out(args.model, profile)
+    if luc.is_compressed_folder(out):
+        raise EdgecoreError(f"--out {out} already holds a compressed model; choose another folder or remove it")
+    if args.json and args.json.is_dir():
+        raise EdgecoreError(f"--json {args.json} is a directory; give a file name")
+
+    result = pipeline.compress(
+        args.model, profile, args.data, weight_budget=budget, plan=plan, calib_samples=args.calib_samples,
+        calib_len=args.calib_len, group_size=args.group_size, seed=args.seed,
+        cache=None if args.no_cache else pipeline.default_cache(), progress=not args.quiet,
+    )
+    policy = result.policy
+    rows = policy.table(shape)
+    memory = luc.summarize_memory(policy, result.model)
+    dense_mb = luc.policy_nbytes(shape, [luc.Candidate()] * shape.layers, luc.EMBEDDING_DENSE, args.group_size) / MIB
+    print(f"{'layer':>10}  {'sensitivity':>11}  {'sparsity':>8}  {'bits':>4}  {'MB':>7}")
+    for row in rows:
+        sparsity = row["sparsity"] if isinstance(row["sparsity"], str) else f"{row['sparsity']:.0%}"
+        print(f"{row['layer']:>10}  {row['sensitivity']:>11.3e}  {sparsity:>8}  {row['bits']:>4}  {row['mb']:>7.2f}")
+    budget_mb = (policy.budget_bytes or 0) / MIB
+    print(f"weights {memory['promised_mb']:.1f} MB promised, {memory['measured_mb']:.1f} MB measured "
+          f"(dense {dense_mb:.1f} MB, {dense_mb / memory['measured_mb']:.1f}x smaller); budget {budget_mb:.1f} MB; "
+          f"total sensitivity {policy.total_sensitivity:.4f} nats/token")
+    cached = " (from cache)" if result.from_cache else ""
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()) + cached)
+    luc.save_compressed(out, result.model, result.tokenizer, policy)
+    print(f"compressed model: {out} (reload with edgecore.luc.compress.load_compressed)")
+    if args.json:
+        report = {
+            "model": args.model, "device": profile.summary(), "data": args.data, "out": str(out),
+            "layers": rows, "memory": {**memory, "dense_mb": dense_mb, "budget_mb": budget_mb},
+            "total_sensitivity": policy.total_sensitivity, "seconds": result.seconds,
+            "sensitivity_from_cache": result.from_cache, "policy": policy.to_dict(),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"json: {args.json}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edgecore", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _finetune_parser(sub)
+    _compress_parser(sub)
     return parser
 
 

@@ -21,7 +21,8 @@ def causal_lm(model):
 def hidden_states(model, batch: Batch) -> torch.Tensor:
     """Final-norm hidden states of the decoder, (batch, length, hidden)."""
     decoder = causal_lm(model).get_decoder()
-    return decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    # No KV cache: one pass over whole sequences never reuses it, and it would hold every layer's k/v.
+    return decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
 
 
 def head(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -191,3 +191,11 @@ def quantize(values: torch.Tensor, bits: int, group_size: int = 64) -> Quantized
     codes = torch.round((grouped - zero.float()[:, None]) / safe_scale[:, None]).clamp_(0, qmax)
     codes = codes.to(torch.uint8).reshape(-1)[: x.numel() - pad]
     return QuantizedTensor(pack(codes, bits), scale, zero, shape, bits, group_size)
+
+
+def dequantize_like(values: torch.Tensor, bits: int, group_size: int = 64) -> torch.Tensor:
+    """`values` after a round trip through `bits`-bit storage (16: fp16), same shape and dtype: what a
+    quantized copy would compute with, for measuring its effect without building the packed module."""
+    if bits == 16:
+        return values.to(torch.float16).to(values.dtype)
+    return quantize(values, bits, group_size).dequantize(values.dtype)

@@ -1,21 +1,30 @@
 """Layer sensitivity: how much compressing one decoder layer alone changes the model's output.
 
 The measure is the KL divergence from the dense model's next-token distribution to the
-distribution with only layer l compressed, averaged over the calibration tokens. It is
-end-to-end (what the loss sees), scale-free (unlike Edge-LLM's raw output MSE, which grows
-with depth because hidden states do), and additive enough across layers to drive a knapsack.
+distribution with only layer l compressed, averaged over calibration tokens. It is end-to-end
+(what the loss sees) and scale-free. Edge-LLM ranks layers by the raw MSE of the layer's own
+output, which grows with depth because hidden states do; that error is recorded too
+(`output_mse`), so the two can be compared against the end-to-end effect of whole policies
+(`python -m simulations.bench luc` does).
 
-Cost is kept down by running the dense model once, caching every layer's input and the
-dense log-probabilities, and re-running only layers l..L-1 for each (layer, candidate).
-Wanda pruning needs the input activation norms of every linear: the same dense pass
-collects them.
+Cost is kept down three ways: the dense model runs once and every layer's input and the dense
+log-probabilities are cached, so each (layer, candidate) re-runs only layers l..L-1; the
+full-vocabulary head, which costs more than a layer, runs at a fixed subset of at most
+`kl_tokens` calibration positions; and results are cached on disk per model, calibration
+tokens, candidates and group size (`SensitivityCache`).
+
+Wanda pruning needs the input activation norms of every linear: the same dense pass collects
+them, over real tokens only (padding left out).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -26,12 +35,15 @@ from tqdm.auto import tqdm
 
 from edgecore import lm
 from edgecore.encoding import Batch
+from edgecore.errors import EdgecoreError
 from edgecore.luc.layer import CompressedLinear
 from edgecore.luc.prune import ActivationStats, keep_mask, wanda_scores
 
 log = logging.getLogger(__name__)
 
 DENSE_BITS = 32
+DEFAULT_KL_TOKENS = 256
+CACHE_VERSION = 1  # bump when what is measured changes
 
 
 @dataclass(frozen=True, order=True)
@@ -51,6 +63,22 @@ class Candidate:
     def is_dense(self) -> bool:
         return self.sparsity == 0 and self.pattern == "unstructured" and self.bits == DENSE_BITS
 
+    @property
+    def spec(self):
+        """The sparsity as edgecore.luc.prune takes it: a fraction, or the N:M pattern text."""
+        return self.sparsity if self.pattern == "unstructured" else self.pattern
+
+    @property
+    def storage_bits(self) -> int | None:
+        """CompressedLinear's `bits`: None for fp32 values."""
+        return None if self.bits == DENSE_BITS else self.bits
+
+    @classmethod
+    def from_profile(cls, choice: tuple[float, str, int]) -> Candidate:
+        """From one `DeviceProfile.candidates()` entry (sparsity, "dense"|"unstructured"|"n:m", bits)."""
+        sparsity, pattern, bits = choice
+        return cls(float(sparsity), "unstructured" if pattern == "dense" else pattern, int(bits))
+
 
 def linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """The linear projections of a decoder layer, by their name inside the layer."""
@@ -60,91 +88,261 @@ def linears(layer: nn.Module) -> dict[str, nn.Linear]:
 def compress_linear(linear: nn.Linear, act_norm: torch.Tensor, candidate: Candidate, group_size: int) -> CompressedLinear:
     keep = None
     if not (candidate.pattern == "unstructured" and candidate.sparsity == 0):
-        spec = candidate.sparsity if candidate.pattern == "unstructured" else candidate.pattern
-        keep = keep_mask(wanda_scores(linear.weight.data, act_norm), spec)
-    bits = None if candidate.bits == DENSE_BITS else candidate.bits
-    return CompressedLinear.from_linear(linear, bits=bits, keep=keep, group_size=group_size)
+        keep = keep_mask(wanda_scores(linear.weight.data, act_norm), candidate.spec)
+    return CompressedLinear.from_linear(linear, bits=candidate.storage_bits, keep=keep, group_size=group_size)
 
 
 class Calibration:
-    """One dense pass over calibration batches: layer inputs, layer kwargs, dense log-probs, activation norms."""
+    """One dense pass over calibration batches: layer inputs and kwargs, dense log-probs, activation norms."""
 
-    def __init__(self, model, batches: Sequence[Batch]):
+    def __init__(self, model, batches: Sequence[Batch], kl_tokens: int = DEFAULT_KL_TOKENS):
+        if not batches:
+            raise EdgecoreError("calibration needs at least one batch of the client's data")
         self.model = lm.causal_lm(model)
         self.layers = list(self.model.model.layers)
         self.batches = list(batches)
-        self.inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]  # [layer][batch]
+        # inputs[l][b]: the dense input of layer l; inputs[L][b]: the last layer's output.
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in range(len(self.layers) + 1)]
         self.kwargs: list[dict] = []  # per batch: what the decoder passes every layer
         self.stats: dict[tuple[int, str], ActivationStats] = {}
+        self.positions = self._pick_positions(kl_tokens)
         self.dense_logprobs: list[torch.Tensor] = []
+        self._real: torch.Tensor | None = None  # the current batch's real-token mask, for the stats
         self._run()
 
+    def _pick_positions(self, kl_tokens: int) -> list[torch.Tensor]:
+        """Per batch, the flat (row * length + col) indices of the real tokens the KL is taken at:
+        evenly spaced over all real tokens of the calibration set, at most `kl_tokens` in all."""
+        if kl_tokens < 1:
+            raise EdgecoreError(f"kl_tokens={kl_tokens} must be at least 1")
+        real = [torch.nonzero(b.attention_mask.reshape(-1), as_tuple=True)[0] for b in self.batches]
+        total = sum(len(r) for r in real)
+        step = max(1, total // kl_tokens)
+        return [r[::step] for r in real]
+
     def _run(self) -> None:
-        hooks = []
+        hooks = [self.model.model.norm.register_forward_pre_hook(self._input_hook(len(self.layers)))]
         for index, layer in enumerate(self.layers):
             hooks.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
             for name, linear in linears(layer).items():
                 stats = self.stats.setdefault((index, name), ActivationStats())
-                hooks.append(linear.register_forward_pre_hook(lambda _m, args, s=stats: s.update(args[0])))
+                hooks.append(linear.register_forward_pre_hook(lambda _m, args, s=stats: s.update(args[0][self._real])))
         try:
             with torch.no_grad():
                 for batch in self.batches:
+                    self._real = batch.attention_mask.bool()
                     hidden = lm.hidden_states(self.model, batch)
-                    self.dense_logprobs.append(self._logprobs(hidden, batch))
+                    self.dense_logprobs.append(self._logprobs(hidden, len(self.dense_logprobs)))
         finally:
+            self._real = None
             for hook in hooks:
                 hook.remove()
+
+    def _input_hook(self, index: int):
+        def hook(_module, args):
+            self.inputs[index].append(args[0])
+
+        return hook
 
     def _layer_hook(self, index: int):
         def hook(_module, args, kwargs):
             self.inputs[index].append(args[0] if args else kwargs["hidden_states"])
             if index == 0:
-                self.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+                # A KV cache would grow on every re-run: layers are re-run without one.
+                self.kwargs.append({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")})
 
         return hook
 
-    def _logprobs(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Log-probabilities at the calibration tokens (real tokens, padding left out)."""
-        keep = batch.attention_mask.bool()
-        return F.log_softmax(lm.head(self.model, hidden[keep]).float(), dim=-1)
+    def _logprobs(self, normed: torch.Tensor, b: int, model=None) -> torch.Tensor:
+        rows = normed.reshape(-1, normed.shape[-1])[self.positions[b]]
+        return F.log_softmax(lm.head(model or self.model, rows).float(), dim=-1)
+
+    @property
+    def tokens(self) -> int:
+        """Real calibration tokens (what the activation norms are over)."""
+        return sum(int(b.attention_mask.sum()) for b in self.batches)
 
     def act_norm(self, layer: int, name: str) -> torch.Tensor:
         return self.stats[(layer, name)].norms()
 
+    def run_from(self, start: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-run layers start..L-1 on batch b from its cached input: (layer start's output, final hidden)."""
+        hidden, first = self.inputs[start][b], None
+        for layer in self.layers[start:]:
+            out = layer(hidden, **self.kwargs[b])
+            hidden = out[0] if isinstance(out, tuple) else out
+            first = hidden if first is None else first
+        return first, hidden
+
     @torch.no_grad()
-    def kl_from(self, start: int) -> float:
-        """Mean KL(dense || current model), re-running layers start..L-1 from the cached inputs."""
-        total, tokens = 0.0, 0
-        for b, batch in enumerate(self.batches):
-            hidden = self.inputs[start][b]
-            for layer in self.layers[start:]:
-                out = layer(hidden, **self.kwargs[b])
-                hidden = out[0] if isinstance(out, tuple) else out
-            logprobs = self._logprobs(self.model.model.norm(hidden), batch)
+    def kl_from(self, start: int) -> tuple[float, float]:
+        """(mean KL(dense || current model) per token, MSE of layer `start`'s output), re-running layers start..L-1."""
+        kl, tokens, squared, count = 0.0, 0, 0.0, 0
+        for b in range(len(self.batches)):
+            first, hidden = self.run_from(start, b)
+            real = self.batches[b].attention_mask.bool()
+            error = (first - self.inputs[start + 1][b])[real]
+            squared += float(error.double().square().sum())
+            count += error.numel()
+            logprobs = self._logprobs(self.model.model.norm(hidden), b)
             dense = self.dense_logprobs[b]
-            total += float(F.kl_div(logprobs, dense, log_target=True, reduction="sum"))
+            kl += float(F.kl_div(logprobs, dense, log_target=True, reduction="sum"))
             tokens += dense.shape[0]
-        return total / max(tokens, 1)
+        return kl / max(tokens, 1), squared / max(count, 1)
+
+    @torch.no_grad()
+    def kl_full(self, model=None) -> float:
+        """Mean KL(dense || `model`), from the token ids up (embeddings included): the end-to-end
+        effect of a whole policy. `model` defaults to the calibrated model as it is now; a
+        compressed copy of it is measured against the same dense log-probabilities."""
+        model = lm.causal_lm(model) if model is not None else self.model
+        kl, tokens = 0.0, 0
+        for b, batch in enumerate(self.batches):
+            logprobs = self._logprobs(lm.hidden_states(model, batch), b, model)
+            kl += float(F.kl_div(logprobs, self.dense_logprobs[b], log_target=True, reduction="sum"))
+            tokens += logprobs.shape[0]
+        return kl / max(tokens, 1)
+
+
+@dataclass
+class Sensitivity:
+    """kl[l, c] and output_mse[l, c]: compressing layer l alone with candidate c."""
+
+    candidates: list[Candidate]
+    kl: np.ndarray
+    output_mse: np.ndarray
+    seconds: float  # how long measuring took (the figure from when it was measured, if cached)
+    tokens: int  # calibration tokens
+    kl_tokens: int  # positions the KL is averaged over
+    group_size: int
+
+    def to_dict(self) -> dict:
+        return {
+            "candidates": [asdict(c) for c in self.candidates],
+            "kl": self.kl.tolist(),
+            "output_mse": self.output_mse.tolist(),
+            "seconds": self.seconds,
+            "tokens": self.tokens,
+            "kl_tokens": self.kl_tokens,
+            "group_size": self.group_size,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Sensitivity:
+        return cls(
+            [Candidate(**c) for c in raw["candidates"]],
+            np.asarray(raw["kl"], dtype=float),
+            np.asarray(raw["output_mse"], dtype=float),
+            float(raw["seconds"]),
+            int(raw["tokens"]),
+            int(raw["kl_tokens"]),
+            int(raw["group_size"]),
+        )
 
 
 def measure(
-    model, batches: Sequence[Batch], candidates: Sequence[Candidate], *, group_size: int = 64, progress: bool = True
-) -> tuple[np.ndarray, Calibration, float]:
-    """Sensitivity[layer, candidate] (KL in nats per token), the calibration, and seconds taken."""
+    calib: Calibration, candidates: Sequence[Candidate], *, group_size: int = 64, progress: bool = True
+) -> Sensitivity:
+    """Sensitivity of every (decoder layer, candidate); the model is left exactly as it was."""
     started = time.perf_counter()
-    calib = Calibration(model, batches)
-    result = np.zeros((len(calib.layers), len(candidates)))
-    steps = [(l, c) for l in range(len(calib.layers)) for c in range(len(candidates)) if not candidates[c].is_dense]
+    layers = calib.layers
+    kl = np.zeros((len(layers), len(candidates)))
+    mse = np.zeros_like(kl)
+    steps = [(l, c) for l in range(len(layers)) for c in range(len(candidates)) if not candidates[c].is_dense]
     for l, c in tqdm(steps, desc="sensitivity", disable=not progress, leave=False):
-        layer = calib.layers[l]
         originals = {}
-        for name, linear in linears(layer).items():
-            compressed = compress_linear(linear, calib.act_norm(l, name), candidates[c], group_size)
-            originals[name] = linear.weight.data
-            linear.weight.data = compressed.dense_weight(linear.weight.dtype)
         try:
-            result[l, c] = calib.kl_from(l)
+            for name, linear in linears(layers[l]).items():
+                compressed = compress_linear(linear, calib.act_norm(l, name), candidates[c], group_size)
+                originals[name] = linear.weight.data
+                linear.weight.data = compressed.dense_weight(linear.weight.dtype)
+            kl[l, c], mse[l, c] = calib.kl_from(l)
         finally:
+            for name, linear in linears(layers[l]).items():
+                if name in originals:
+                    linear.weight.data = originals[name]
+    seconds = time.perf_counter() - started
+    kl_tokens = sum(len(p) for p in calib.positions)
+    return Sensitivity(list(candidates), kl, mse, seconds, calib.tokens, kl_tokens, group_size)
+
+
+@torch.no_grad()
+def policy_kl(calib: Calibration, layers: Sequence[Candidate], group_size: int = 64) -> float:
+    """End-to-end KL of compressing every layer as `layers` says (weights swapped in, then restored):
+    the quantity per-layer sensitivities are meant to predict."""
+    originals: dict[nn.Linear, torch.Tensor] = {}
+    try:
+        for index, (layer, candidate) in enumerate(zip(calib.layers, layers)):
+            if candidate.is_dense:
+                continue
             for name, linear in linears(layer).items():
-                linear.weight.data = originals[name]
-    return result, calib, time.perf_counter() - started
+                compressed = compress_linear(linear, calib.act_norm(index, name), candidate, group_size)
+                originals[linear] = linear.weight.data
+                linear.weight.data = compressed.dense_weight(linear.weight.dtype)
+        return calib.kl_from(0)[0]
+    finally:
+        for linear, weight in originals.items():
+            linear.weight.data = weight
+
+
+class SensitivityCache:
+    """Sensitivity tables on disk, keyed by model, calibration tokens, candidates and group size."""
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+
+    @staticmethod
+    def key(model_id: str, calib: Calibration, candidates: Sequence[Candidate], group_size: int) -> str:
+        digest = hashlib.sha256(f"v{CACHE_VERSION}|{model_id}|{group_size}|{sorted(candidates)}".encode())
+        # The first layer's first weight stands in for the model's weights (a changed checkpoint
+        # under the same name changes it); the token ids and KL positions pin the data.
+        first = next(iter(linears(calib.layers[0]).values())).weight.detach()
+        digest.update(first.float().contiguous().numpy().tobytes())
+        for batch, positions in zip(calib.batches, calib.positions):
+            digest.update(batch.input_ids.numpy().tobytes())
+            digest.update(batch.attention_mask.numpy().tobytes())
+            digest.update(positions.numpy().tobytes())
+        return digest.hexdigest()[:24]
+
+    def get(self, key: str, candidates: Sequence[Candidate]) -> Sensitivity | None:
+        path = self.folder / f"{key}.json"
+        try:
+            found = Sensitivity.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring the unreadable sensitivity cache %s (%s); measuring again", path, err)
+            return None
+        if found.candidates != list(candidates):  # same set, other order: reorder the columns
+            order = [found.candidates.index(c) for c in candidates]
+            found = Sensitivity(list(candidates), found.kl[:, order], found.output_mse[:, order], found.seconds,
+                                found.tokens, found.kl_tokens, found.group_size)
+        return found
+
+    def put(self, key: str, table: Sensitivity) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{key}.json"
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(table.to_dict()))
+        partial.replace(path)  # never leave a half-written table under the real name
+        return path
+
+
+def measure_cached(
+    calib: Calibration,
+    candidates: Sequence[Candidate],
+    *,
+    model_id: str,
+    cache: SensitivityCache | None,
+    group_size: int = 64,
+    progress: bool = True,
+) -> tuple[Sensitivity, bool]:
+    """(table, whether it came from the cache)."""
+    key = SensitivityCache.key(model_id, calib, candidates, group_size) if cache else None
+    found = cache.get(key, candidates) if cache else None
+    if found is not None:
+        return found, True
+    table = measure(calib, candidates, group_size=group_size, progress=progress)
+    if cache:
+        cache.put(key, table)
+    return table, False
