@@ -173,9 +173,17 @@ def train(
     *,
     progress: bool = True,
     on_step: Callable[[StepRecord], None] | None = None,
+    step_loss: Callable[[Batch, int], torch.Tensor] | None = None,
+    extra_params: Sequence[torch.nn.Parameter] = (),
 ) -> TrainReport:
-    """Train the model's trainable parameters (its adapters) for settings.steps steps."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    """Train the model's trainable parameters (its adapters) for settings.steps steps.
+
+    `step_loss(batch, step)` replaces the default full-depth answer-token loss (adaptive-depth
+    tuning passes its window loss); `extra_params` (e.g. exit adapters) train alongside.
+    Parameters that get no gradient in a step are skipped by AdamW and get no optimizer state.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
+    step_loss = step_loss or (lambda batch, _step: lm.token_loss(model, lm.hidden_states(model, batch), batch))
     if not trainable:
         raise EdgecoreError("the model has no trainable parameters: wrap it with add_lora first")
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -193,7 +201,7 @@ def train(
             group["lr"] = lr
         batch = next(stream)
         with autocast(settings.precision):
-            loss = lm.token_loss(model, lm.hidden_states(model, batch), batch)
+            loss = step_loss(batch, step)
         if not torch.isfinite(loss):
             raise EdgecoreError(f"training diverged at step {step}: loss {loss.item()}; lower --lr")
         loss.backward()

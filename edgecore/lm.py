@@ -29,12 +29,17 @@ def head(model, hidden: torch.Tensor) -> torch.Tensor:
     return causal_lm(model).get_output_embeddings()(hidden)
 
 
-def token_loss(model, hidden: torch.Tensor, batch: Batch, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over the answer tokens only (IGNORE labels are skipped)."""
+def answer_rows(hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden rows that predict an answer token, those tokens): the only rows a loss needs."""
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE
-    logits = head(model, hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def token_loss(model, hidden: torch.Tensor, batch: Batch, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the answer tokens only (IGNORE labels are skipped)."""
+    rows, targets = answer_rows(hidden, batch)
+    return F.cross_entropy(head(model, rows).float(), targets, reduction=reduction)
 
 
 def answer_logits(model, hidden: torch.Tensor, batch: Batch, token_ids: list[int]) -> torch.Tensor:

@@ -11,6 +11,10 @@ import json
 import sys
 import time
 
+import safetensors.torch  # noqa: F401  (imports belong to the floor, not to the model)
+import transformers.models.llama.modeling_llama  # noqa: F401
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
 from edgecore import measure
 from edgecore.luc.compress import load_compressed, stored_nbytes
 from edgecore.memory import MIB

@@ -1,0 +1,137 @@
+"""Local voting and early-exit inference.
+
+Votes: every exit is scored on the client's validation split (accuracy for classification,
+exp(-loss) for language modelling) and the scores, normalised to sum to 1, are the client's
+exit vote. Layer importance is how far each layer's LoRA weights moved this round (the
+Frobenius norm of the change of B @ A, summed over the layer's targets), also normalised.
+The server aggregates both (the fleet issue).
+
+Inference: exits are read in order of depth; after each, the answer distributions seen so far
+are combined with the exit weights (global when known, else local votes), and a sample stops
+once the combined probability of its best answer reaches `threshold`. Layers above the exit
+where every sample of the batch has stopped never run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Sequence
+
+import torch
+
+from edgecore import lm
+from edgecore.data import Sample
+from edgecore.encoding import Encoder, collate
+from edgecore.errors import EdgecoreError
+from edgecore.tuning.exits import Exits
+from edgecore.tuning.runner import DecoderRun
+from edgecore.tuning.window import normalise
+
+_LORA = re.compile(r"layers\.(\d+)\..*\.lora_([AB])\.[^.]*\.weight$")
+
+
+@torch.no_grad()
+def exit_scores(model, exits: Exits, encoder: Encoder, samples: Sequence[Sample], batch_size: int = 16) -> dict[int, dict]:
+    """Per exit layer: {"loss", and "accuracy" for classification} on `samples`, all exits in one pass."""
+    if not samples:
+        raise EdgecoreError("there are no validation samples to vote on: the split or partition is empty")
+    head = lambda h: lm.head(model, h)  # noqa: E731
+    totals = {e: {"loss": 0.0, "correct": 0} for e in exits.layers}
+    tokens = 0
+    for start in range(0, len(samples), batch_size):
+        batch = collate([encoder.encode(s) for s in samples[start : start + batch_size]], encoder.tokenizer.pad_token_id)
+        run = DecoderRun(model, batch)
+        rows_at = torch.arange(batch.input_ids.shape[0])
+        for e in exits.layers:
+            hidden = run.run_to(e, grad=False)
+            rows, targets = lm.answer_rows(hidden, batch)
+            logits = exits.read(run, e, rows, head).float()
+            totals[e]["loss"] += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            if encoder.choice_token_ids:
+                choice = exits.read(run, e, hidden[rows_at, batch.answer_at], head)[:, encoder.choice_token_ids]
+                totals[e]["correct"] += int((choice.argmax(dim=-1) == batch.choices).sum())
+        tokens += batch.num_target_tokens
+    scores = {}
+    for e, total in totals.items():
+        scores[e] = {"loss": total["loss"] / max(tokens, 1)}
+        if encoder.choice_token_ids:
+            scores[e]["accuracy"] = total["correct"] / len(samples)
+    return scores
+
+
+def exit_votes(scores: dict[int, dict]) -> list[float]:
+    """Normalised per-exit quality, in exit order: accuracy where there is one, else exp(-loss)."""
+    quality = [s["accuracy"] if "accuracy" in s else math.exp(-min(s["loss"], 50.0)) for _, s in sorted(scores.items())]
+    return normalise(quality)
+
+
+def lora_deltas(model) -> dict[int, torch.Tensor]:
+    """Per decoder layer, the flattened B @ A of every LoRA target (what the adapter adds to W)."""
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        match = _LORA.search(name)
+        if match:
+            key = (int(match.group(1)), name[: match.start(2) - len("lora_")])
+            parts.setdefault(key, {})[match.group(2)] = param.detach()
+    deltas: dict[int, list[torch.Tensor]] = {}
+    for (layer, _), ab in sorted(parts.items()):
+        deltas.setdefault(layer, []).append((ab["B"].float() @ ab["A"].float()).reshape(-1))
+    return {layer: torch.cat(chunks) for layer, chunks in deltas.items()}
+
+
+def layer_importance(before: dict[int, torch.Tensor], after: dict[int, torch.Tensor], layers: int) -> list[float]:
+    """Normalised ||delta_after - delta_before|| per layer (0 for a layer that did not move)."""
+    moved = [float((after[l] - before[l]).norm()) if l in after and l in before else 0.0 for l in range(layers)]
+    return normalise(moved)
+
+
+@torch.no_grad()
+def predict_early(
+    model,
+    exits: Exits,
+    encoder: Encoder,
+    samples: Sequence[Sample],
+    weights: Sequence[float] | None,
+    threshold: float = 0.9,
+    batch_size: int = 1,
+) -> dict:
+    """Classify with weighted exits and early stopping: accuracy, mean layers run, latency per sample."""
+    if not encoder.choice_token_ids:
+        raise EdgecoreError("early-exit inference classifies: the dataset needs answer choices (e.g. bbc)")
+    if not 0 <= threshold <= 1:
+        raise EdgecoreError(f"threshold {threshold} must be in [0, 1] (1: always run every exit)")
+    weights = normalise(weights) if weights is not None else [1 / len(exits.layers)] * len(exits.layers)
+    if len(weights) != len(exits.layers):
+        raise EdgecoreError(f"{len(weights)} exit weights for {len(exits.layers)} exits")
+    head = lambda h: lm.head(model, h)  # noqa: E731
+    correct, layers_run, started = 0, 0, time.perf_counter()
+    for start in range(0, len(samples), batch_size):
+        batch = collate([encoder.encode(s) for s in samples[start : start + batch_size]], encoder.tokenizer.pad_token_id)
+        n = batch.input_ids.shape[0]
+        run, rows_at = DecoderRun(model, batch), torch.arange(n)
+        mixed = torch.zeros(n, len(encoder.choice_token_ids))
+        seen = 0.0
+        decided = torch.zeros(n, dtype=torch.bool)
+        prediction = torch.zeros(n, dtype=torch.long)
+        stopped_at = torch.zeros(n, dtype=torch.long)
+        for e, w in zip(exits.layers, weights):
+            hidden = run.run_to(e, grad=False)
+            logits = exits.read(run, e, hidden[rows_at, batch.answer_at], head)[:, encoder.choice_token_ids].float()
+            mixed += w * logits.softmax(dim=-1)
+            seen += w
+            if seen == 0:
+                continue  # only zero-weight exits so far: nothing to decide on
+            confidence, best = (mixed / seen).max(dim=-1)
+            now = ~decided & ((confidence >= threshold) | (e == exits.layers[-1]))
+            prediction[now] = best[now]
+            stopped_at[now] = e + 1
+            decided |= now
+            if bool(decided.all()):
+                break
+        correct += int((prediction == batch.choices).sum())
+        layers_run += int(stopped_at.sum())
+    seconds = time.perf_counter() - started
+    return {"accuracy": correct / len(samples), "mean_layers": layers_run / len(samples),
+            "latency_ms": 1000 * seconds / len(samples), "n": len(samples), "threshold": threshold}
