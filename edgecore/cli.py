@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -49,6 +50,14 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before tuning")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/finetune-TIMESTAMP); must not hold a run already")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.add_argument_group("adaptive depth", "train windows of layers ending at early exits instead of the full depth")
+    a.add_argument("--adaptive", action="store_true", help="adaptive-depth tuning: window LoRA + exit adapters, voting, early-exit inference")
+    a.add_argument("--device", default=None, help="device profile (name, TOML file or 'local'): its memory budget sets the window depth")
+    a.add_argument("--budget-mb", type=float, default=None, help="memory budget of the job in MiB (overrides --device's)")
+    a.add_argument("--exits", default="quarters", help="exit layers: 'quarters', a count, or indices like 7,15,22,29")
+    a.add_argument("--exit-rank", type=int, default=8, help="rank of each exit adapter")
+    a.add_argument("--window", type=int, default=None, help="fixed window depth (default: the deepest that fits the budget)")
+    a.add_argument("--threshold", type=float, default=0.9, help="early-exit inference stops once the combined confidence reaches this")
     p.set_defaults(handler=_finetune)
 
 
@@ -72,6 +81,7 @@ def _finetune(args) -> None:
         warmup_steps=args.warmup_steps, precision=args.precision, seed=args.seed,
     )
     out = _check_out(args.out)
+    adaptive_settings = _adaptive_settings(args)
     data.parse_partition_spec(args.partition)  # a typo fails before the data loads
     dataset = data.load(args.data, seed=args.seed)
     train_samples = data.share(dataset.train, args.num_partitions, args.partition_id, args.partition, seed=args.seed)
@@ -99,6 +109,9 @@ def _finetune(args) -> None:
         def record(step):
             steps_file.write(json.dumps(asdict(step)) + "\n")
             steps_file.flush()
+        if adaptive_settings is not None:
+            return _finetune_adaptive(args, model, encoder, dataset, train_samples, held_out, settings,
+                                      adaptive_settings, lora, evals, out, record, started)
         report = train(model, encoder, train_samples, settings, progress=progress, on_step=record)
     print(f"trained {len(report.steps)} steps in {report.train_s:.1f} s: {report.mean_step_s:.2f} s/step, "
           f"loss {report.steps[0].loss:.3f} -> {report.final_loss:.3f}, peak RSS {report.peak_rss_mb:.0f} MB")
@@ -114,6 +127,61 @@ def _finetune(args) -> None:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"run folder: {out} (adapter/, steps.jsonl, summary.json)")
+
+
+def _adaptive_settings(args):
+    from edgecore.profiles import resolve_profile
+    from edgecore.tuning.adaptive import AdaptiveSettings
+
+    if not args.adaptive:
+        if args.device or args.budget_mb is not None or args.window is not None:
+            raise EdgecoreError("--device, --budget-mb and --window apply to adaptive tuning: add --adaptive")
+        return None
+    budget = args.budget_mb
+    if budget is None and args.device:
+        budget = resolve_profile(args.device).memory_budget_mb
+    if budget is not None and budget <= 0:
+        raise EdgecoreError(f"--budget-mb {budget} must be positive")
+    if args.exit_rank < 1:
+        raise EdgecoreError(f"--exit-rank {args.exit_rank} must be at least 1")
+    return AdaptiveSettings(exits=args.exits, exit_rank=args.exit_rank, window=args.window, budget_mb=budget)
+
+
+def _finetune_adaptive(args, model, encoder, dataset, train_samples, held_out, settings, adaptive_settings, lora,
+                       evals, out, record, started) -> None:
+    from edgecore.tuning import adaptive
+    from edgecore.tuning.voting import exit_scores, predict_early
+
+    exits, depth = adaptive.prepare(model, adaptive_settings, settings, lora)
+    budget = f"budget {depth.budget_mb:.0f} MB" if depth.budget_mb is not None else "no budget"
+    print(f"adaptive: exits after layers {list(exits.layers)}, window {depth.layers} layers "
+          f"(estimated {depth.estimate_mb:.0f} MB, {budget})")
+    validation = dataset.validation[: args.eval_samples or len(dataset.validation)]
+    result = adaptive.tune(model, exits, depth, encoder, train_samples, validation, settings,
+                           progress=not args.quiet, on_step=record)
+    report = result.report
+    print(f"trained {len(report.steps)} steps in {report.train_s:.1f} s: {report.mean_step_s:.2f} s/step, "
+          f"loss {report.steps[0].loss:.3f} -> {report.final_loss:.3f}, peak RSS {report.peak_rss_mb:.0f} MB")
+    print("votes by exit: " + ", ".join(f"{e}: {v:.2f}" for e, v in zip(exits.layers, result.votes)))
+    adaptive.save(out / "adapter", model, exits, {"depth": depth.layers, "votes": result.votes})
+    evals["after_by_exit"] = {str(e): s for e, s in exit_scores(model, exits, encoder, held_out).items()}
+    for e, scores in evals["after_by_exit"].items():
+        print(f"after, exit {e}: " + _metrics_line({**scores, "perplexity": math.exp(min(scores["loss"], 50)), "n": len(held_out)}))
+    if encoder.choice_token_ids:
+        evals["early_exit"] = predict_early(model, exits, encoder, held_out, result.votes, args.threshold)
+        early = evals["early_exit"]
+        print(f"early exit (threshold {args.threshold}): accuracy {early['accuracy']:.1%}, "
+              f"{early['mean_layers']:.1f} layers on average, {early['latency_ms']:.0f} ms/sample")
+    summary = {
+        "model": args.model, "data": args.data, "eval_split": args.eval_split, "adaptive": result.summary(),
+        "settings": {"lora": asdict(lora), "train": asdict(settings), "adaptive": asdict(adaptive_settings)},
+        "train": report.summary(), "eval": evals, "adapter": str(out / "adapter"),
+        "wall_s": time.perf_counter() - started,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with (out / "windows.jsonl").open("w") as f:
+        f.writelines(json.dumps(h) + "\n" for h in result.history)
+    print(f"run folder: {out} (adapter/ with exit adapters, steps.jsonl, windows.jsonl, summary.json)")
 
 
 def _metrics_line(metrics: dict) -> str:

@@ -80,6 +80,8 @@ def _kind(name_or_path: str) -> str:
         )
     if not (folder / "config.json").is_file():
         raise EdgecoreError(f"model folder {folder} has no config.json: is it a Hugging Face model folder?")
+    if (folder / "policy.json").is_file():
+        return "compressed"  # written by `python -m edgecore compress`
     return "folder"
 
 
@@ -95,9 +97,17 @@ def check_source(name_or_path: str) -> None:
 def load(
     name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Return (model, tokenizer) in eval mode. Nothing is ever fetched from the hub."""
+    """Return (model, tokenizer) in eval mode. Nothing is ever fetched from the hub.
+
+    `name_or_path`: a known name, a Hugging Face model folder, or a compressed model folder
+    written by `python -m edgecore compress` (loaded packed, without the dense weights).
+    """
     kind = _kind(name_or_path)
-    if kind == "smollm2":
+    if kind == "compressed":
+        from edgecore.luc.compress import load_compressed
+
+        model, tokenizer, _policy = load_compressed(name_or_path)
+    elif kind == "smollm2":
         model, tokenizer = _load_local(smollm2_cache(), dtype)
     elif kind == "tiny":
         model, tokenizer = _tiny(TINY_MODELS[name_or_path], dtype, seed)

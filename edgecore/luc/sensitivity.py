@@ -42,7 +42,7 @@ from edgecore.luc.prune import ActivationStats, keep_mask, wanda_scores
 log = logging.getLogger(__name__)
 
 DENSE_BITS = 32
-DEFAULT_KL_TOKENS = 256
+DEFAULT_KL_TOKENS = 128
 CACHE_VERSION = 1  # bump when what is measured changes
 
 
@@ -85,10 +85,25 @@ def linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
-def compress_linear(linear: nn.Linear, act_norm: torch.Tensor, candidate: Candidate, group_size: int) -> CompressedLinear:
-    keep = None
-    if not (candidate.pattern == "unstructured" and candidate.sparsity == 0):
-        keep = keep_mask(wanda_scores(linear.weight.data, act_norm), candidate.spec)
+def wanda_keep(linear: nn.Linear, act_norm: torch.Tensor, candidate: Candidate) -> torch.Tensor | None:
+    """The candidate's Wanda keep-mask for `linear`, or None when it prunes nothing."""
+    if candidate.pattern == "unstructured" and candidate.sparsity == 0:
+        return None
+    return keep_mask(wanda_scores(linear.weight.data, act_norm), candidate.spec)
+
+
+def compress_linear(
+    linear: nn.Linear, act_norm: torch.Tensor, candidate: Candidate, group_size: int, masks: dict | None = None
+) -> CompressedLinear:
+    """`linear` stored as `candidate` says; `masks` (keyed by module and sparsity) reuses keep-masks
+    across bit-widths, since Wanda's mask does not depend on the bits."""
+    key = (id(linear), candidate.spec)
+    if masks is None or key not in masks:
+        keep = wanda_keep(linear, act_norm, candidate)
+        if masks is not None:
+            masks[key] = keep
+    else:
+        keep = masks[key]
     return CompressedLinear.from_linear(linear, bits=candidate.storage_bits, keep=keep, group_size=group_size)
 
 
@@ -248,19 +263,24 @@ def measure(
     layers = calib.layers
     kl = np.zeros((len(layers), len(candidates)))
     mse = np.zeros_like(kl)
-    steps = [(l, c) for l in range(len(layers)) for c in range(len(candidates)) if not candidates[c].is_dense]
-    for l, c in tqdm(steps, desc="sensitivity", disable=not progress, leave=False):
-        originals = {}
-        try:
-            for name, linear in linears(layers[l]).items():
-                compressed = compress_linear(linear, calib.act_norm(l, name), candidates[c], group_size)
-                originals[name] = linear.weight.data
-                linear.weight.data = compressed.dense_weight(linear.weight.dtype)
-            kl[l, c], mse[l, c] = calib.kl_from(l)
-        finally:
-            for name, linear in linears(layers[l]).items():
-                if name in originals:
-                    linear.weight.data = originals[name]
+    compressible = [c for c in range(len(candidates)) if not candidates[c].is_dense]
+    bar = tqdm(total=len(layers) * len(compressible), desc="sensitivity", disable=not progress, leave=False)
+    for l, layer in enumerate(layers):
+        masks: dict = {}  # this layer's Wanda masks, shared by candidates that differ only in bits
+        for c in compressible:
+            originals = {}
+            try:
+                for name, linear in linears(layer).items():
+                    compressed = compress_linear(linear, calib.act_norm(l, name), candidates[c], group_size, masks)
+                    originals[name] = linear.weight.data
+                    linear.weight.data = compressed.dense_weight(linear.weight.dtype)
+                kl[l, c], mse[l, c] = calib.kl_from(l)
+            finally:
+                for name, linear in linears(layer).items():
+                    if name in originals:
+                        linear.weight.data = originals[name]
+            bar.update()
+    bar.close()
     seconds = time.perf_counter() - started
     kl_tokens = sum(len(p) for p in calib.positions)
     return Sensitivity(list(candidates), kl, mse, seconds, calib.tokens, kl_tokens, group_size)

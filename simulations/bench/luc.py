@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,10 @@ REFERENCE = Candidate(0.5, "unstructured", 4)
 GRID = [Candidate(s, "unstructured", b) for s in (0.0, 0.25, 0.5, 0.75) for b in (2, 3, 4, 8)]
 EMBEDDING_BITS = 8
 RANDOM_POLICIES = 8
+
+
+def _say(message: str) -> None:
+    print(f"[luc {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def _spearman(a, b) -> float:
@@ -76,7 +81,9 @@ def run(options: dict) -> dict:
     started = time.perf_counter()
     calib = Calibration(dense, calibration_batches(tokenizer, shakespeare, samples=8, seq_len=128))
     calibration_s = time.perf_counter() - started
+    _say(f"sensitivity: {shape.layers} layers x {len(GRID)} candidates")
     table = measure(calib, GRID, group_size=group_size, progress=False)
+    _say(f"sensitivity took {table.seconds:.0f} s; evaluating dense, uniform and LUC")
     embedding_kl = luc.embedding_sensitivity(calib, [EMBEDDING_BITS], group_size)
 
     uniform = luc.uniform_policy(model_name, shape, REFERENCE, EMBEDDING_BITS, group_size, table, embedding_kl)
@@ -98,6 +105,7 @@ def run(options: dict) -> dict:
             })
             del model
 
+    _say("scoring policies end to end (KL against output-MSE check)")
     # Which per-layer measure predicts the end-to-end effect: policies at the same budget.
     rng = random.Random(0)
     budget = uniform.weight_bytes
