@@ -149,9 +149,11 @@ def _adaptive_settings(args):
 
 def _finetune_adaptive(args, model, encoder, dataset, train_samples, held_out, settings, adaptive_settings, lora,
                        evals, out, record, started) -> None:
+    from edgecore.memory import limit_heap_fragmentation
     from edgecore.tuning import adaptive
     from edgecore.tuning.voting import exit_scores, predict_early
 
+    limit_heap_fragmentation()  # freed activations go back to the OS: the estimate assumes it
     exits, depth = adaptive.prepare(model, adaptive_settings, settings, lora)
     budget = f"budget {depth.budget_mb:.0f} MB" if depth.budget_mb is not None else "no budget"
     print(f"adaptive: exits after layers {list(exits.layers)}, window {depth.layers} layers "

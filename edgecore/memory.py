@@ -414,6 +414,7 @@ def measure_training_peak(
     precision: str = "fp32",
     data: str = "synthetic",
     limit_heap: bool = False,
+    window: tuple[int, int] | None = None,
     timeout_s: float = 900,
 ) -> dict:
     """Peak RSS of `steps` LoRA training steps in a fresh process, minus its runtime floor.
@@ -421,7 +422,8 @@ def measure_training_peak(
     Returns the child's report: floor_mb, loaded_mb, peak_mb (above the floor), the batch's
     real length and answer tokens (`plan_fields` to rebuild the StepPlan), and step_s.
     `data` is "synthetic" (every sequence exactly seq_len tokens, one answer token) or a
-    dataset spec for `edgecore.data.load` such as "bbc".
+    dataset spec for `edgecore.data.load` such as "bbc". `window` (first, last) trains only
+    those layers, read at an exit after `last` (edgecore.tuning's window step); None: all.
     """
     from edgecore import models
 
@@ -437,6 +439,7 @@ def measure_training_peak(
         "precision": precision,
         "data": data,
         "limit_heap": limit_heap,
+        "window": list(window) if window else None,
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     root = str(Path(__file__).resolve().parent.parent)
@@ -460,7 +463,9 @@ def measure_training_peak(
 
 def plan_from_report(report: dict, **changes: Any) -> StepPlan:
     """The StepPlan that describes what a measurement really ran."""
-    plan = dict(report["plan_fields"], lora_targets=tuple(report["plan_fields"]["lora_targets"]))
+    fields_ = report["plan_fields"]
+    window = tuple(fields_["window"]) if fields_.get("window") else None
+    plan = dict(fields_, lora_targets=tuple(fields_["lora_targets"]), window=window)
     return replace(StepPlan(**plan), **changes)
 
 
@@ -514,7 +519,16 @@ def _child(request: dict) -> dict:
     length = max(b.input_ids.shape[1] for b in drawn)
     answers = max(b.num_target_tokens for b in drawn)
     del drawn, stream
-    report = train(model, encoder, dataset.train, settings, progress=False)
+    step_loss, extra = None, []
+    if request.get("window"):
+        from edgecore.tuning.exits import Exits
+        from edgecore.tuning.window import ExitChooser, WindowTrainer
+
+        first, last = request["window"]
+        exits = Exits([last], model.config.hidden_size)
+        step_loss = WindowTrainer(model, exits, last - first + 1, ExitChooser([last]))
+        extra = list(exits.parameters())
+    report = train(model, encoder, dataset.train, settings, progress=False, step_loss=step_loss, extra_params=extra)
     return {
         "request": request,
         "floor_mb": floor,
@@ -531,6 +545,7 @@ def _child(request: dict) -> dict:
             "precision": report.precision,
             "answer_tokens": answers,
             "allocator": allocator_in_effect(),
+            "window": tuple(request["window"]) if request.get("window") else None,
         },
     }
 

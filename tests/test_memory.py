@@ -180,6 +180,16 @@ def test_estimate_matches_measured_peak_on_tiny(tiny_measurements, limit_heap):
     assert abs(error) < TOLERANCE, f"estimated {estimate.total_mb:.0f} MiB, measured {report['peak_mb']:.0f} MiB"
 
 
+def test_estimate_matches_measured_peak_of_a_window_step_on_tiny():
+    """Adaptive-depth tuning's step: layers 3..4 trained, read at an exit after layer 4."""
+    report = memory.measure_training_peak("tiny-5m", 8, 128, limit_heap=True, window=(3, 4))
+    plan = memory.plan_from_report(report)
+    assert plan.window == (3, 4)
+    estimate = estimate_step("tiny-5m", plan)
+    error = estimate.total_mb / report["peak_mb"] - 1
+    assert abs(error) < 0.15, f"estimated {estimate.total_mb:.0f} MiB, measured {report['peak_mb']:.0f} MiB"
+
+
 def test_limiting_heap_fragmentation_lowers_the_peak(tiny_measurements):
     assert tiny_measurements[True]["peak_mb"] < 0.8 * tiny_measurements[False]["peak_mb"]
 

@@ -85,8 +85,12 @@ def compress(
     cache: SensitivityCache | None = None,
     seed: int = 0,
     progress: bool = True,
+    candidates: list[Candidate] | None = None,
 ) -> CompressResult:
-    """Measure, choose and apply the LUC policy of `model_name` for `profile` (see the module docstring)."""
+    """Measure, choose and apply the LUC policy of `model_name` for `profile` (see the module docstring).
+
+    `candidates` narrows the profile's choices (a subset of them), e.g. to measure faster.
+    """
     models.check_source(model_name)
     shape = ModelShape.from_name(model_name)
     if weight_budget is None:
@@ -104,7 +108,11 @@ def compress(
     started = time.perf_counter()
     calib = Calibration(model, calibration_batches(tokenizer, dataset, calib_samples, calib_len, seed))
     seconds["calibration"] = time.perf_counter() - started
-    candidates = profile_candidates(profile)
+    allowed = profile_candidates(profile)
+    if candidates is None:
+        candidates = allowed
+    elif not set(candidates) <= set(allowed):
+        raise EdgecoreError(f"candidates {[c.label for c in set(candidates) - set(allowed)]} are not allowed by device {profile.name}")
     table, from_cache = measure_cached(
         calib, candidates, model_id=model_name, cache=cache, group_size=group_size, progress=progress
     )

@@ -20,7 +20,7 @@ from edgecore.data import Sample
 from edgecore.encoding import Encoder
 from edgecore.errors import EdgecoreError
 from edgecore.finetune import LoraSettings, TrainReport, TrainSettings, resolve_precision, train
-from edgecore.memory import ModelShape, StepPlan
+from edgecore.memory import ModelShape, StepPlan, allocator_in_effect
 from edgecore.tuning.exits import Exits, parse_exits
 from edgecore.tuning.voting import exit_scores, exit_votes, layer_importance, lora_deltas
 from edgecore.tuning.window import Depth, ExitChooser, WindowTrainer, window_depth
@@ -55,7 +55,7 @@ def prepare(model, settings: AdaptiveSettings, train_settings: TrainSettings, lo
         batch=train_settings.batch_size, seq_len=train_settings.seq_len, lora_r=lora.r,
         lora_targets=tuple(lora.targets), lora_dropout=lora.dropout,
         precision=resolve_precision(train_settings.precision), weight_bytes=stored_weight_bytes(model),
-        allocator="returning",
+        allocator=allocator_in_effect(),
     )
     if settings.window is not None:
         depth = window_depth(shape, plan, None, settings.window)
