@@ -182,6 +182,7 @@ class StepPlan:
     window: tuple[int, int] | None = None  # inclusive [first, last] trained layers; None = all
     answer_tokens: int | None = None  # answer tokens per batch (LM-head rows); None = batch
     weight_bytes: int | None = None  # base weights as stored; None = dense fp32
+    packed_weights: bool = False  # LUC-packed base: each linear dequantizes in its forward pass
     attention: str = "sdpa"
     allocator: str = "glibc"  # "returning" once limit_heap_fragmentation() is in effect
 
@@ -301,17 +302,20 @@ def _attention_bytes(shape: ModelShape, plan: StepPlan, act: int) -> int:
 
 
 def weight_copy_bytes(shape: ModelShape, plan: StepPlan) -> int:
-    """bf16 casts of weights that autocast hands to autograd: every linear of every trained
-    layer (none of q/k/v's bases in the first, whose input has no gradient), the LoRA
-    matrices, and the LM head. Zero in fp32, where the stored weights themselves are used."""
-    if plan.precision == "fp32":
-        return 0
+    """Weight copies autograd keeps for the input gradient of every linear in the trained layers
+    (none for q/k/v in the first, whose input has no gradient): bf16 casts under autocast (plus
+    the LoRA matrices and the LM head), and the dequantized fp32 weight of a packed (LUC) layer,
+    which is built in its forward pass. Zero for a dense fp32 model, whose stored weights are used."""
     first, last = plan.trained_layers(shape)
     dims = shape.linears()
-    per_layer = sum(a * b for a, b in dims.values()) + shape.lora_params(plan.lora_r, plan.lora_targets)
+    linears = sum(a * b for a, b in dims.values())
     norm_fed = sum(a * b for name, (a, b) in dims.items() if name in _NORM_FED)
-    params = (last - first + 1) * per_layer - norm_fed + shape.vocab * shape.hidden
-    return BF16 * params
+    window = (last - first + 1) * linears - norm_fed
+    copies = FP32 * window if plan.packed_weights else 0
+    if plan.precision != "fp32":
+        lora = (last - first + 1) * shape.lora_params(plan.lora_r, plan.lora_targets)
+        copies = BF16 * (window + lora + shape.vocab * shape.hidden)
+    return copies
 
 
 def estimate_step(model: Any, plan: StepPlan | None = None, **changes: Any) -> MemoryEstimate:
@@ -503,6 +507,9 @@ def _child(request: dict) -> dict:
     floor = measure.rss_mb()
     model, tokenizer = models.load(request["model"])
     loaded = measure.rss_mb() - floor
+    from edgecore.luc.layer import CompressedLinear
+
+    packed = any(isinstance(m, CompressedLinear) for m in model.modules())
     lora = LoraSettings(r=request["lora_r"], dropout=request["lora_dropout"], targets=tuple(request["lora_targets"]))
     model = add_lora(model, lora)
     if request["data"] == "synthetic":
@@ -546,6 +553,7 @@ def _child(request: dict) -> dict:
             "answer_tokens": answers,
             "allocator": allocator_in_effect(),
             "window": tuple(request["window"]) if request.get("window") else None,
+            "packed_weights": packed,
         },
     }
 

@@ -190,6 +190,24 @@ def test_estimate_matches_measured_peak_of_a_window_step_on_tiny():
     assert abs(error) < 0.15, f"estimated {estimate.total_mb:.0f} MiB, measured {report['peak_mb']:.0f} MiB"
 
 
+def test_estimate_matches_measured_peak_of_a_window_step_on_a_compressed_tiny_model(tmp_path):
+    from edgecore import models
+    from edgecore.luc import compress as luc
+    from edgecore.luc.sensitivity import Calibration, Candidate
+    from tests.test_luc_compress import _batches
+
+    model, tokenizer = models.load("tiny-5m", seed=0)
+    policy = luc.uniform_policy("tiny-5m", ModelShape.from_config(model.config), Candidate(0.5, "unstructured", 4), 8, 64)
+    luc.apply_policy(model, policy, Calibration(model, _batches(tokenizer)))
+    folder = luc.save_compressed(tmp_path / "packed", model, tokenizer, policy)
+    report = memory.measure_training_peak(str(folder), 8, 128, limit_heap=True, window=(2, 4))
+    plan = memory.plan_from_report(report)
+    assert plan.packed_weights and plan.window == (2, 4)
+    estimate = estimate_step("tiny-5m", plan, weight_bytes=policy.weight_bytes)
+    error = estimate.total_mb / report["peak_mb"] - 1
+    assert abs(error) < 0.15, f"estimated {estimate.total_mb:.0f} MiB, measured {report['peak_mb']:.0f} MiB"
+
+
 def test_limiting_heap_fragmentation_lowers_the_peak(tiny_measurements):
     assert tiny_measurements[True]["peak_mb"] < 0.8 * tiny_measurements[False]["peak_mb"]
 

@@ -100,6 +100,9 @@ def test_votes_and_importance_are_normalised():
     assert normalise([0, 0]) == [0.5, 0.5]
     votes = exit_votes({1: {"loss": 2.0, "accuracy": 0.2}, 3: {"loss": 1.0, "accuracy": 0.6}})
     assert votes == pytest.approx([0.25, 0.75])
+    # With 4 classes, 0.25 is a guess: it gets no vote; 0.625 is half the room above chance.
+    chance = exit_votes({1: {"loss": 2.0, "accuracy": 0.25, "chance": 0.25}, 3: {"loss": 1.0, "accuracy": 0.625, "chance": 0.25}})
+    assert chance == pytest.approx([0.0, 1.0])
     lm_votes = exit_votes({1: {"loss": 2.0}, 3: {"loss": 1.0}})
     assert lm_votes[1] / lm_votes[0] == pytest.approx(math.e)
     before = {0: torch.zeros(4), 1: torch.zeros(4)}

@@ -31,6 +31,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from edgecore.errors import EdgecoreError
+from edgecore.luc.storage import PackedStorage, bits_label
 from edgecore.luc.prune import Sparsity, kept_per_row
 from edgecore.luc.quant import QUANT_BITS, FP16_MAX, QuantizedTensor, num_groups, pack, packed_nbytes, quantize, unpack
 
@@ -125,7 +126,7 @@ def expected_nbytes(
     return Layout.for_config(out_features, in_features, bits, sparsity, group_size, bias).nbytes
 
 
-class CompressedLinear(nn.Module):
+class CompressedLinear(PackedStorage):
     """y = x W^T + b with W rebuilt from packed storage at every call; see the module docstring."""
 
     def __init__(self, layout: Layout, device: torch.device | str | None = None) -> None:
@@ -253,28 +254,14 @@ class CompressedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), bias)
 
-    def nbytes(self) -> int:
-        """Bytes really held by this module's storage (all buffers)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
-        bits = "fp32" if self.bits is None else ("fp16" if self.bits == 16 else f"{self.bits}-bit")
+        bits = bits_label(self.bits)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"{bits}, keep={self.keep_fraction:.3f}, group_size={self.layout.group_size}, nbytes={self.nbytes()}"
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # load_state_dict would silently cast e.g. fp16 values into an fp32 stream of the same
-        # length: a dtype mismatch means the module was built for another configuration.
-        for name, buffer in self._buffers.items():
-            key = prefix + name
-            if buffer is not None and key in state_dict and state_dict[key].dtype != buffer.dtype:
-                raise EdgecoreError(
-                    f"{key} is {state_dict[key].dtype} in the state dict but {buffer.dtype} in a module built for "
-                    f"{self.extra_repr()}: rebuild the module with the configuration the state dict was saved with"
-                )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # -- PEFT LoRA ---------------------------------------------------------------------------------

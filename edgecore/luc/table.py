@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgecore.errors import EdgecoreError
+from edgecore.luc.storage import PackedStorage, bits_label
 from edgecore.luc.layer import _FLOAT_STORAGE, STORAGE_BITS
 from edgecore.luc.quant import (
     FP16_MAX,
@@ -110,7 +111,7 @@ def table_nbytes(rows: int, dim: int, bits: int | None, group_size: int = 64) ->
     return TableLayout(rows, dim, bits, group_size).nbytes
 
 
-class QuantizedTable(nn.Module):
+class QuantizedTable(PackedStorage):
     """A [rows, dim] table in packed storage; rows and row blocks are dequantized on demand."""
 
     def __init__(self, layout: TableLayout, device: torch.device | str | None = None) -> None:
@@ -195,28 +196,14 @@ class QuantizedTable(nn.Module):
         shape = (layout.rows, layout.dim)
         return dequantize(self.qweight, self.scale, self.zero, shape, layout.bits, layout.group_size, dtype)
 
-    def nbytes(self) -> int:
-        """Bytes really held by this module's buffers."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
-        bits = {None: "fp32", 16: "fp16"}.get(self.layout.bits, f"{self.layout.bits}-bit")
+        bits = bits_label(self.layout.bits)
         return (
             f"rows={self.layout.rows}, dim={self.layout.dim}, {bits}, group_size={self.layout.group_size}, "
             f"nbytes={self.nbytes()}"
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # load_state_dict would silently cast e.g. fp16 values into an fp32 stream of the same
-        # length: a dtype mismatch means the table was built for another configuration.
-        for name, buffer in self._buffers.items():
-            key = prefix + name
-            if buffer is not None and key in state_dict and state_dict[key].dtype != buffer.dtype:
-                raise EdgecoreError(
-                    f"{key} is {state_dict[key].dtype} in the state dict but {buffer.dtype} in a table built for "
-                    f"{self.extra_repr()}: rebuild it with the bits the state dict was saved with"
-                )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class _ChunkedMatmulT(torch.autograd.Function):

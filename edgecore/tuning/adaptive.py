@@ -55,7 +55,7 @@ def prepare(model, settings: AdaptiveSettings, train_settings: TrainSettings, lo
         batch=train_settings.batch_size, seq_len=train_settings.seq_len, lora_r=lora.r,
         lora_targets=tuple(lora.targets), lora_dropout=lora.dropout,
         precision=resolve_precision(train_settings.precision), weight_bytes=stored_weight_bytes(model),
-        allocator=allocator_in_effect(),
+        allocator=allocator_in_effect(), packed_weights=_has_packed_layers(base),
     )
     if settings.window is not None:
         depth = window_depth(shape, plan, None, settings.window)
@@ -66,6 +66,12 @@ def prepare(model, settings: AdaptiveSettings, train_settings: TrainSettings, lo
             )
         return exits, Depth(depth.layers, depth.estimate_mb, settings.budget_mb)
     return exits, window_depth(shape, plan, settings.budget_mb)
+
+
+def _has_packed_layers(model) -> bool:
+    from edgecore.luc.layer import CompressedLinear
+
+    return any(isinstance(m, CompressedLinear) for m in model.modules())
 
 
 @dataclass

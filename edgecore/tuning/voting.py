@@ -1,8 +1,8 @@
 """Local voting and early-exit inference.
 
-Votes: every exit is scored on the client's validation split (accuracy for classification,
-exp(-loss) for language modelling) and the scores, normalised to sum to 1, are the client's
-exit vote. Layer importance is how far each layer's LoRA weights moved this round (the
+Votes: every exit is scored on the client's validation split (accuracy above chance for
+classification, so an exit that only guesses gets no say; exp(-loss) for language modelling)
+and the scores, normalised to sum to 1, are the client's exit vote. Layer importance is how far each layer's LoRA weights moved this round (the
 Frobenius norm of the change of B @ A, summed over the layer's targets), also normalised.
 The server aggregates both (the fleet issue).
 
@@ -58,13 +58,22 @@ def exit_scores(model, exits: Exits, encoder: Encoder, samples: Sequence[Sample]
         scores[e] = {"loss": total["loss"] / max(tokens, 1)}
         if encoder.choice_token_ids:
             scores[e]["accuracy"] = total["correct"] / len(samples)
+            scores[e]["chance"] = 1 / len(encoder.choice_token_ids)
     return scores
 
 
+def exit_quality(score: dict) -> float:
+    """Accuracy above chance, as a fraction of the room above chance (an exit that guesses gets 0);
+    exp(-loss) without classes."""
+    if "accuracy" not in score:
+        return math.exp(-min(score["loss"], 50.0))
+    chance = score.get("chance", 0.0)
+    return max(0.0, score["accuracy"] - chance) / (1 - chance)
+
+
 def exit_votes(scores: dict[int, dict]) -> list[float]:
-    """Normalised per-exit quality, in exit order: accuracy where there is one, else exp(-loss)."""
-    quality = [s["accuracy"] if "accuracy" in s else math.exp(-min(s["loss"], 50.0)) for _, s in sorted(scores.items())]
-    return normalise(quality)
+    """Normalised per-exit quality, in exit order (uniform when no exit beats chance)."""
+    return normalise([exit_quality(s) for _, s in sorted(scores.items())])
 
 
 def lora_deltas(model) -> dict[int, torch.Tensor]:

@@ -43,7 +43,7 @@ def _say(message: str) -> None:
 def run(options: dict) -> dict:
     steps = options["steps"]
     base = {"steps": steps, "batch_size": 8, "seq_len": 128, "lr": 1e-3, "eval_samples": options.get("eval_samples") or 100,
-            "vote_samples": 50, "inference_samples": 50, "threshold": 0.9}
+            "vote_samples": 50, "inference_samples": 30, "threshold": 0.9}
     profile = resolve_profile(PROFILE)
     shape = ModelShape.from_name(options["model"])
     results = []
