@@ -163,7 +163,7 @@ def choose_policy(
     try:
         chosen = knapsack.solve(items, budget_bytes - fixed)
     except EdgecoreError:
-        smallest = knapsack._min_budget(items) + fixed
+        smallest = knapsack.min_budget(items) + fixed
         raise EdgecoreError(
             f"the weight budget of {budget_bytes / MIB:.1f} MB cannot hold {model} even at its most compressed: "
             f"the smallest budget that fits is {smallest / MIB:.1f} MB; raise the device's memory_budget_mb "

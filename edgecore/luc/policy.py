@@ -32,7 +32,7 @@ class Option:
     sensitivity: float
 
 
-def _min_budget(options: Sequence[Sequence[Option]]) -> int:
+def min_budget(options: Sequence[Sequence[Option]]) -> int:
     return sum(min(o.cost_bytes for o in layer) for layer in options)
 
 
@@ -40,7 +40,7 @@ def solve(options: Sequence[Sequence[Option]], budget_bytes: int, resolution: in
     """The index of the chosen option for every layer, minimising total sensitivity within budget."""
     if not options or any(not layer for layer in options):
         raise EdgecoreError("every layer needs at least one compression option")
-    smallest = _min_budget(options)
+    smallest = min_budget(options)
     if smallest > budget_bytes:
         raise EdgecoreError(
             f"the weight budget of {budget_bytes / 2**20:.1f} MB cannot hold the layers even at their most "
