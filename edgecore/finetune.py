@@ -175,18 +175,24 @@ def train(
     on_step: Callable[[StepRecord], None] | None = None,
     step_loss: Callable[[Batch, int], torch.Tensor] | None = None,
     extra_params: Sequence[torch.nn.Parameter] = (),
+    extra_lr_scale: float = 1.0,
 ) -> TrainReport:
     """Train the model's trainable parameters (its adapters) for settings.steps steps.
 
     `step_loss(batch, step)` replaces the default full-depth answer-token loss (adaptive-depth
-    tuning passes its window loss); `extra_params` (e.g. exit adapters) train alongside.
+    tuning passes its window loss); `extra_params` (e.g. exit adapters) train alongside at
+    `extra_lr_scale` times the learning rate.
     Parameters that get no gradient in a step are skipped by AdamW and get no optimizer state.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    trainable = adapters + list(extra_params)
     step_loss = step_loss or (lambda batch, _step: lm.token_loss(model, lm.hidden_states(model, batch), batch))
     if not trainable:
         raise EdgecoreError("the model has no trainable parameters: wrap it with add_lora first")
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    groups = [{"params": adapters, "scale": 1.0}]
+    if extra_params:
+        groups.append({"params": list(extra_params), "scale": extra_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     report = TrainReport(precision=resolve_precision(settings.precision), num_examples=len(samples))
     stream = batches(encoder, samples, settings.batch_size, settings.seed)
     torch.manual_seed(settings.seed)  # LoRA dropout
@@ -198,7 +204,7 @@ def train(
         t0 = time.perf_counter()
         lr = _lr_at(step, settings)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["scale"]
         batch = next(stream)
         with autocast(settings.precision):
             loss = step_loss(batch, step)
