@@ -44,6 +44,7 @@ def run_supernode(args) -> int:
     command += ["--root-certificates", str(args.root_certificates)] if args.root_certificates else ["--insecure"]
     flwr_home = args.flwr_home or PROJECT / ".flwr" / f"client-{runtime_port}"
     print(f"joining {host}:{port} with {config} (local runtime port {runtime_port})", flush=True)
+    flower.exit_on_sigterm()
     process = subprocess.Popen(command, env=flower.flower_env(flwr_home), start_new_session=True)
     try:
         return process.wait()

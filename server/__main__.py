@@ -41,6 +41,7 @@ def start_superlink(host: str, port: int, flwr_home: Path) -> tuple[subprocess.P
 
 def serve(host: str, port: int, experiment: Experiment, flwr_home: Path, keep_alive: bool, timeout_s: float) -> dict:
     run_dir, run_name = Path(experiment.run_dir), experiment.run_name
+    flower.exit_on_sigterm()
     process, log_file = start_superlink(host, port, flwr_home)
     print(f"SuperLink listening on {host}:{port} (log: {log_file}); waiting for {experiment.min_clients} clients", flush=True)
     env = flower.flower_env(flwr_home)

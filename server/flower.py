@@ -71,6 +71,15 @@ def wait_healthy(address: str, process: subprocess.Popen, timeout_s: float, log_
     raise EdgecoreError(f"the SuperLink at {address} did not become healthy within {timeout_s:.0f} s; see {log_file}")
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so `finally` blocks stop the Flower processes we started.
+
+    Those run in their own sessions; without this, `kill PID` (or a service manager stopping
+    the wrapper) ends the wrapper at once and leaves them running, orphaned.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def stop(process: subprocess.Popen | None, grace_s: float = 10) -> None:
     """Stop a process we started (and its process group), by PID."""
     if process is None or process.poll() is not None:

@@ -152,6 +152,25 @@ def test_loopback_deployment_with_the_commands_a_user_types(tmp_path):
     rounds = (Path(outcome["run_folder"]) / "rounds.jsonl").read_text().splitlines()
     assert len(rounds) == 2 and len(json.loads(rounds[1])["clients"]) == 2
     assert "round 1: test accuracy" in out
+    # Stopping the wrappers stops the SuperNodes they started (each in its own session).
+    deadline = time.monotonic() + 20
+    while _supernodes_of(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _supernodes_of(tmp_path)
+
+
+def _supernodes_of(tmp_path) -> list[str]:
+    """Command lines of live flower-supernode processes that use this test's folders."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (proc / "environ").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if "flower-supernode" in cmd and str(tmp_path) in environ:
+            found.append(cmd)
+    return found
 
 
 def _cli(*args, timeout=60):
