@@ -36,7 +36,7 @@ class ClientData:
 
 
 @lru_cache(maxsize=4)
-def _partition(client: ClientData, seed: int) -> tuple[data.Dataset, tuple[Sample, ...]]:
+def partition_of(client: ClientData, seed: int) -> tuple[data.Dataset, tuple[Sample, ...]]:
     dataset = data.load(client.spec, seed=seed)
     return dataset, tuple(data.share(dataset.train, client.num_partitions, client.partition_id, client.scheme, seed=seed))
 
@@ -53,7 +53,7 @@ def local_round(
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Train the global adapter on this client's partition; return the new adapter and metrics."""
     started = time.perf_counter()
-    dataset, samples = _partition(client, experiment.seed)
+    dataset, samples = partition_of(client, experiment.seed)
     model, tokenizer = _model(experiment.model, experiment.lora(), experiment.seed)
     wire.load_adapter_arrays(model, global_arrays)
     encoder = Encoder(tokenizer, dataset, max_len=experiment.seq_len)

@@ -14,5 +14,12 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def to_metrics(values: dict[str, float]) -> MetricRecord:
-    return MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in values.items()})
+def to_metrics(values: dict) -> MetricRecord:
+    """Numbers and lists of numbers; a list with any float travels as floats (MetricRecord lists are uniform)."""
+    return MetricRecord({k: _metric(v) for k, v in values.items()})
+
+
+def _metric(value):
+    if isinstance(value, (list, tuple)):
+        return [float(x) for x in value] if any(isinstance(x, float) for x in value) else [int(x) for x in value]
+    return float(value) if isinstance(value, float) else int(value)

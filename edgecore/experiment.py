@@ -16,6 +16,9 @@ from edgecore.errors import EdgecoreError
 from edgecore.finetune import LoraSettings, TrainSettings
 
 
+AGGREGATIONS = ("fedavg", "fedprox", "fedadam")
+
+
 @dataclass(frozen=True)
 class Experiment:
     model: str = "smollm2-135m"
@@ -41,6 +44,17 @@ class Experiment:
     run_dir: str = "runs"
     run_name: str = ""  # the run folder's name under run-dir; "" = fl-TIMESTAMP-runID
     save_client_updates: bool = False  # keep every accepted client update in the checkpoints (audit, debugging)
+    # Heterogeneous fleets (edgecore.fleet): "" = every client tunes the dense model at full depth.
+    pipeline: str = "edge"  # "edge": each client runs edgecore for its device; "plain": dense LoRA at full depth everywhere
+    fleet: str = ""  # a shipped fleet name (configs/fleets/) or a fleet file
+    aggregation: str = "fedavg"  # fedavg | fedprox | fedadam
+    proximal_mu: float = 0.01  # fedprox: the clients' proximal weight
+    server_lr: float = 0.01  # fedadam: the server's learning rate
+    exits: str = "quarters"  # early exits: "quarters", a count, or layer indices "7,14,22,29"
+    vote_samples: int = 16  # validation samples each client votes on
+    device_eval_samples: int = 40  # test samples each client evaluates the global adapter on, on its own base
+    luc_grid: str = "quick"  # compression candidates: "quick" (0/50% sparsity x 4/8 bits) or "full" (the profile's)
+    calib_samples: int = 4  # LUC calibration sequences per client
 
     def __post_init__(self):
         self.lora()  # validates the LoRA fields
@@ -55,6 +69,32 @@ class Experiment:
         from edgecore.data import parse_partition_spec
 
         parse_partition_spec(self.partition)
+        if self.aggregation not in AGGREGATIONS:
+            raise EdgecoreError(f"aggregation = {self.aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
+        if self.pipeline not in ("edge", "plain"):
+            raise EdgecoreError(f"pipeline = {self.pipeline!r}; use \"edge\" or \"plain\"")
+        if self.luc_grid not in ("quick", "full"):
+            raise EdgecoreError(f"luc-grid = {self.luc_grid!r}; use \"quick\" or \"full\"")
+        if self.proximal_mu < 0 or not self.server_lr > 0:
+            raise EdgecoreError("proximal-mu must be >= 0 and server-lr > 0")
+        for name in ("vote_samples", "device_eval_samples", "calib_samples"):
+            if getattr(self, name) < 1:
+                raise EdgecoreError(f"{_key(name)} = {getattr(self, name)} must be at least 1")
+        if self.fleet:
+            self.load_fleet()
+
+    def load_fleet(self):
+        """The fleet this experiment runs (None for a homogeneous dense federation)."""
+        from edgecore.fleet import resolve_fleet
+
+        if not self.fleet:
+            return None
+        fleet = resolve_fleet(self.fleet)
+        too_big = [r for r in fleet.ranks(self.lora_r) if r > self.lora_r]
+        if too_big:
+            raise EdgecoreError(f"fleet {self.fleet}: client LoRA ranks {too_big} exceed lora-r = {self.lora_r}, "
+                                "the global adapter's rank; raise lora-r or lower the clients' ranks")
+        return fleet
 
     def lora(self) -> LoraSettings:
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
@@ -65,7 +105,7 @@ class Experiment:
         return TrainSettings(
             steps=self.local_steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
             warmup_steps=min(self.warmup_steps, self.local_steps), precision=self.precision,
-            seed=self.seed + 1000 * round_,
+            seed=self.seed + 1000 * round_, proximal_mu=self.proximal_mu if self.aggregation == "fedprox" else 0.0,
         )
 
     @classmethod

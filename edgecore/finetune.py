@@ -57,6 +57,8 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto: bf16 autocast where the CPU runs bf16 natively, else fp32
     seed: int = 0
+    # FedProx: mu/2 * ||w - w_start||^2 keeps a client's adapter near the global one it started from.
+    proximal_mu: float = 0.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len"):
@@ -66,6 +68,8 @@ class TrainSettings:
             raise EdgecoreError(f"learning rate {self.lr} must be positive")
         if self.precision not in PRECISIONS:
             raise EdgecoreError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if not self.proximal_mu >= 0:
+            raise EdgecoreError(f"proximal mu {self.proximal_mu} must be zero or positive")
 
 
 def resolve_precision(precision: str) -> str:
@@ -183,6 +187,8 @@ def train(
     tuning passes its window loss); `extra_params` (e.g. exit adapters) train alongside at
     `extra_lr_scale` times the learning rate.
     Parameters that get no gradient in a step are skipped by AdamW and get no optimizer state.
+    With settings.proximal_mu > 0 the FedProx term's gradient, mu * (w - w_start), is added to
+    every parameter that got a gradient (the reported loss leaves the term out).
     """
     adapters = [p for p in model.parameters() if p.requires_grad]
     trainable = adapters + list(extra_params)
@@ -194,6 +200,7 @@ def train(
         groups.append({"params": list(extra_params), "scale": extra_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     report = TrainReport(precision=resolve_precision(settings.precision), num_examples=len(samples))
+    anchors = [p.detach().clone() for p in trainable] if settings.proximal_mu > 0 else None
     stream = batches(encoder, samples, settings.batch_size, settings.seed)
     torch.manual_seed(settings.seed)  # LoRA dropout
     model.train()
@@ -211,6 +218,8 @@ def train(
         if not torch.isfinite(loss):
             raise EdgecoreError(f"training diverged at step {step}: loss {loss.item()}; lower --lr")
         loss.backward()
+        if anchors is not None:
+            _add_proximal_gradient(trainable, anchors, settings.proximal_mu)
         torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -223,6 +232,13 @@ def train(
     report.peak_rss_mb = measure.peak_rss_mb()
     model.eval()
     return report
+
+
+def _add_proximal_gradient(params, anchors, mu: float) -> None:
+    with torch.no_grad():
+        for param, anchor in zip(params, anchors):
+            if param.grad is not None:
+                param.grad.add_(param - anchor, alpha=mu)
 
 
 def settings_dict(*settings) -> dict:

@@ -9,10 +9,12 @@ from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from client.records import from_record, to_metrics, to_record
+from edgecore import lm
 from edgecore.experiment import Experiment
 from server.evaluation import GlobalModel
 from server.run_folder import RunFolder
-from server.strategy import ValidatedFedAvg
+from server.aggregation import ServerOptimizer
+from server.fleet_strategy import FleetStrategy
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +29,23 @@ def main(grid: Grid, context: Context) -> None:
     run.write_config(experiment.as_run_config())
     log.info("run folder: %s", run.path)
     global_model = GlobalModel(experiment)
-    strategy = ValidatedFedAvg(
+    edge = experiment.pipeline == "edge"
+    layers = lm.causal_lm(global_model.model).config.num_hidden_layers
+    strategy = FleetStrategy(
+        exits=global_model.initial_exits().layers if edge else (),
+        layers=layers,
+        optimizer=ServerOptimizer(experiment.aggregation, lr=experiment.server_lr),
         max_update_norm=experiment.max_update_norm,
         keep_updates=experiment.save_client_updates,
         fraction_train=experiment.fraction_train,
-        fraction_evaluate=0.0,  # evaluation happens here, on the held-out test split
+        # The dense base is evaluated here; with the edge pipeline every client also scores
+        # the global adapter on its own (compressed) base.
+        fraction_evaluate=1.0 if edge else 0.0,
         min_train_nodes=max(1, round(experiment.fraction_train * experiment.min_clients)),
+        min_evaluate_nodes=max(1, round(experiment.fraction_train * experiment.min_clients)),
         min_available_nodes=experiment.min_clients,
     )
+    initial = global_model.initial_arrays()
     started = time.perf_counter()
     round_started = [started]
 
@@ -51,6 +62,9 @@ def main(grid: Grid, context: Context) -> None:
             "dropped": strategy.round_dropped.get(server_round, []),
             "bytes_up": sum(c.get("bytes-up", 0) for c in clients),
             "bytes_down": sum(c.get("bytes-down", 0) for c in clients),
+            "devices": strategy.round_devices.get(server_round, []),
+            "assigned_exits": {str(n): e for n, e in strategy.round_assignments.get(server_round, {}).items()},
+            "exit_weights": strategy.exit_weights,
         }
         run.add_round(record)
         folder = run.checkpoint_dir(server_round)
@@ -64,12 +78,13 @@ def main(grid: Grid, context: Context) -> None:
 
     result = strategy.start(
         grid=grid,
-        initial_arrays=to_record(global_model.initial_arrays()),
+        initial_arrays=to_record(initial),
         num_rounds=experiment.num_rounds,
         train_config=ConfigRecord({"num-rounds": experiment.num_rounds}),
         evaluate_fn=evaluate_and_record,
     )
-    global_model.save(from_record(result.arrays), run.path / "adapter")
+    final = from_record(result.arrays) or initial  # no round produced an update: the initial adapter stands
+    global_model.save(final, run.path / "adapter")
     first, last = run.rounds[0], run.rounds[-1]
     run.write_summary({
         "status": "completed",
@@ -81,8 +96,31 @@ def main(grid: Grid, context: Context) -> None:
         "bytes_up_total": sum(r["bytes_up"] for r in run.rounds),
         "bytes_down_total": sum(r["bytes_down"] for r in run.rounds),
         "adapter": str(run.path / "adapter"),
+        "device_accuracy_per_round": _device_accuracy(run.rounds),
+        "clients_within_budget": _within_budget(run.rounds),
     })
     log.info("done: %s -> %s; run folder %s", _short(first), _short(last), run.path)
+
+
+def _device_accuracy(rounds: list[dict]) -> dict:
+    """Per device profile, the accuracy of each round's global adapter on that device's own base."""
+    table: dict[str, dict] = {}
+    for r in rounds:
+        for d in r.get("devices", []):
+            table.setdefault(d["device"], {})[r["round"]] = d.get("accuracy")
+    return table
+
+
+def _within_budget(rounds: list[dict]) -> dict:
+    """Per device profile: the largest measured job peak of any round against its budget."""
+    table: dict[str, dict] = {}
+    for r in rounds:
+        for c in r["clients"]:
+            if "budget-mb" in c:
+                row = table.setdefault(c["device"], {"budget_mb": c["budget-mb"], "max_job_peak_mb": 0.0})
+                row["max_job_peak_mb"] = max(row["max_job_peak_mb"], c["job-peak-mb"])
+                row["within"] = row["max_job_peak_mb"] <= row["budget_mb"]
+    return table
 
 
 def _short(metrics: dict) -> str:

@@ -14,7 +14,7 @@ from edgecore.memory import ModelShape, StepPlan, estimate_step
 from edgecore.tuning import adaptive
 from edgecore.tuning.exits import Exits, default_exits, parse_exits
 from edgecore.tuning.runner import DecoderRun
-from edgecore.tuning.voting import exit_votes, layer_importance, lora_deltas, predict_early
+from edgecore.tuning.voting import exit_votes, delta_distance, layer_importance, lora_factors, predict_early
 from edgecore.tuning.window import ExitChooser, normalise, window_depth, window_loss
 
 WORDS = ["alpha", "beta", "gamma"]
@@ -105,9 +105,17 @@ def test_votes_and_importance_are_normalised():
     assert chance == pytest.approx([0.0, 1.0])
     lm_votes = exit_votes({1: {"loss": 2.0}, 3: {"loss": 1.0}})
     assert lm_votes[1] / lm_votes[0] == pytest.approx(math.e)
-    before = {0: torch.zeros(4), 1: torch.zeros(4)}
-    after = {0: torch.tensor([3.0, 4, 0, 0]), 1: torch.zeros(4)}
-    assert layer_importance(before, after, 3) == [1.0, 0.0, 0.0]
+    zero = [(torch.zeros(3, 2), torch.zeros(2, 4))]
+    moved = [(torch.tensor([[1.0, 0], [0, 2], [0, 0]]), torch.tensor([[3.0, 0, 0, 0], [0, 0, 2, 0]]))]
+    assert layer_importance({0: zero, 1: zero}, {0: moved, 1: zero}, 3) == [1.0, 0.0, 0.0]
+
+
+def test_delta_distance_equals_the_dense_norm():
+    g = torch.Generator().manual_seed(0)
+    before = [(torch.randn(5, 2, generator=g), torch.randn(2, 7, generator=g)) for _ in range(2)]
+    after = [(torch.randn(5, 2, generator=g), torch.randn(2, 7, generator=g)) for _ in range(2)]
+    dense = sum(float(((b2 @ a2 - b @ a) ** 2).sum()) for (b, a), (b2, a2) in zip(before, after)) ** 0.5
+    assert delta_distance(before, after) == pytest.approx(dense, rel=1e-5)
 
 
 def test_window_depth_follows_the_budget():
@@ -145,6 +153,6 @@ def test_adaptive_tuning_learns_votes_and_round_trips(tmp_path):
     assert meta["depth"] == 2 and loaded_exits.layers == exits.layers
     again = predict_early(loaded, loaded_exits, encoder, dataset.test, result.votes, threshold=1.0)
     assert again["accuracy"] == full["accuracy"]
-    assert lora_deltas(loaded).keys() == lora_deltas(peft_model).keys()
-    for layer, delta in lora_deltas(loaded).items():
-        assert torch.allclose(delta, lora_deltas(peft_model)[layer])
+    assert lora_factors(loaded).keys() == lora_factors(peft_model).keys()
+    for layer, factors in lora_factors(loaded).items():
+        assert delta_distance(factors, lora_factors(peft_model)[layer]) < 1e-6

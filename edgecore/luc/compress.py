@@ -185,7 +185,7 @@ def choose_policy(
 def tuning_reserve_bytes(shape: ModelShape, plan: StepPlan) -> int:
     """What one training step of `plan` needs besides the base weights, as the estimator predicts it."""
     estimate = estimate_step(shape, replace(plan, weight_bytes=0))
-    return int(estimate.total_mb * MIB)
+    return math.ceil(estimate.total_mb * MIB) + 1  # rounded up, so weights at the budget still leave the step room
 
 
 def weight_budget_bytes(profile: DeviceProfile, shape: ModelShape, plan: StepPlan) -> int:
@@ -206,8 +206,9 @@ def default_tuning_plan(shape: ModelShape, batch: int = 4, seq_len: int = 128, w
     tuning then uses whatever room the compressed weights leave for deeper windows)."""
     if not 1 <= window_layers <= shape.layers:
         raise EdgecoreError(f"tuning window of {window_layers} layers must be in 1..{shape.layers}")
+    # packed: the window's compressed linears dequantize in their forward, and autograd keeps that copy.
     return StepPlan(batch=batch, seq_len=seq_len, window=(shape.layers - window_layers, shape.layers - 1),
-                    allocator="returning")
+                    allocator="returning", packed_weights=True)
 
 
 # ---------------------------------------------------------------- sensitivity of the table

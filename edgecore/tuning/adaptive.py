@@ -22,8 +22,8 @@ from edgecore.errors import EdgecoreError
 from edgecore.finetune import LoraSettings, TrainReport, TrainSettings, resolve_precision, train
 from edgecore.memory import ModelShape, StepPlan, allocator_in_effect
 from edgecore.tuning.exits import Exits, parse_exits
-from edgecore.tuning.voting import exit_scores, exit_votes, layer_importance, lora_deltas
-from edgecore.tuning.window import Depth, ExitChooser, WindowTrainer, window_depth
+from edgecore.tuning.voting import exit_scores, exit_votes, layer_importance, lora_factors
+from edgecore.tuning.window import AssignedExit, Depth, ExitChooser, WindowTrainer, window_depth
 
 EXITS_FILE, META_FILE = "exits.safetensors", "adaptive.json"
 
@@ -108,19 +108,25 @@ def tune(
     *,
     exit_weights: Sequence[float] | None = None,
     exit_lr_scale: float = 1.0,
+    assigned_exit: int | None = None,
     progress: bool = True,
     on_step=None,
 ) -> AdaptiveResult:
-    """Train windows at adaptively chosen exits for settings.steps steps, then vote on `validation`."""
-    before = lora_deltas(model)
-    trainer = WindowTrainer(model, exits, depth.layers, ExitChooser(exits.layers, exit_weights, seed=settings.seed))
+    """Train windows at adaptively chosen exits (or every step at `assigned_exit`, when the
+    server assigned one) for settings.steps steps, then vote on `validation`."""
+    before = lora_factors(model)
+    if assigned_exit is None:
+        chooser = ExitChooser(exits.layers, exit_weights, seed=settings.seed)
+    else:
+        chooser = AssignedExit(assigned_exit, exits.layers)
+    trainer = WindowTrainer(model, exits, depth.layers, chooser)
     exits.train()
     report = train(model, encoder, train_samples, settings, progress=progress, on_step=on_step,
                    step_loss=trainer, extra_params=list(exits.parameters()), extra_lr_scale=exit_lr_scale)
     exits.eval()
     layers = len(lm.causal_lm(model).model.layers)
     result = AdaptiveResult(report, depth, trainer.history, trainer.layer_steps(layers))
-    result.importance = layer_importance(before, lora_deltas(model), layers)
+    result.importance = layer_importance(before, lora_factors(model), layers)
     if validation:
         result.scores = exit_scores(model, exits, encoder, validation)
         result.votes = exit_votes(result.scores)

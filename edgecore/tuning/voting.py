@@ -76,23 +76,40 @@ def exit_votes(scores: dict[int, dict]) -> list[float]:
     return normalise([exit_quality(s) for _, s in sorted(scores.items())])
 
 
-def lora_deltas(model) -> dict[int, torch.Tensor]:
-    """Per decoder layer, the flattened B @ A of every LoRA target (what the adapter adds to W)."""
+def lora_factors(model) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per decoder layer, a copy of (B, A) of every LoRA target, in a stable order.
+
+    Kept as factors: B @ A of every target of SmolLM2 would be 106 MB, more than a small
+    device's whole tuning budget.
+    """
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, param in model.named_parameters():
         match = _LORA.search(name)
         if match:
             key = (int(match.group(1)), name[: match.start(2) - len("lora_")])
-            parts.setdefault(key, {})[match.group(2)] = param.detach()
-    deltas: dict[int, list[torch.Tensor]] = {}
+            parts.setdefault(key, {})[match.group(2)] = param.detach().float().clone()
+    factors: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for (layer, _), ab in sorted(parts.items()):
-        deltas.setdefault(layer, []).append((ab["B"].float() @ ab["A"].float()).reshape(-1))
-    return {layer: torch.cat(chunks) for layer, chunks in deltas.items()}
+        factors.setdefault(layer, []).append((ab["B"], ab["A"]))
+    return factors
 
 
-def layer_importance(before: dict[int, torch.Tensor], after: dict[int, torch.Tensor], layers: int) -> list[float]:
-    """Normalised ||delta_after - delta_before|| per layer (0 for a layer that did not move)."""
-    moved = [float((after[l] - before[l]).norm()) if l in after and l in before else 0.0 for l in range(layers)]
+def delta_distance(before: list[tuple[torch.Tensor, torch.Tensor]], after: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """||B'A' - BA||_F summed in squares over the targets, without forming any out x in matrix.
+
+    B'A' - BA = U V with U = [B', -B] and V = [A'; A], so its squared norm is the trace of
+    (U^T U)(V V^T): two 2r x 2r products.
+    """
+    total = 0.0
+    for (b, a), (b2, a2) in zip(before, after):
+        u, v = torch.cat([b2, -b], dim=1), torch.cat([a2, a], dim=0)
+        total += float(torch.trace((u.T @ u) @ (v @ v.T)).clamp(min=0))
+    return total**0.5
+
+
+def layer_importance(before: dict, after: dict, layers: int) -> list[float]:
+    """Normalised movement ||delta W_after - delta W_before|| per layer (0 for a layer that did not move)."""
+    moved = [delta_distance(before[l], after[l]) if l in after and l in before else 0.0 for l in range(layers)]
     return normalise(moved)
 
 

@@ -101,6 +101,21 @@ class ExitChooser:
         self.loss[exit_layer] = loss if old is None else self.decay * old + (1 - self.decay) * loss
 
 
+class AssignedExit:
+    """Every step trains the exit the server assigned this round (the fleet spreads its windows)."""
+
+    def __init__(self, exit_layer: int, exits: Sequence[int]):
+        if exit_layer not in exits:
+            raise EdgecoreError(f"assigned exit {exit_layer} is not one of the exits {list(exits)}")
+        self.exit_layer = exit_layer
+
+    def choose(self) -> int:
+        return self.exit_layer
+
+    def observe(self, exit_layer: int, loss: float) -> None:
+        pass
+
+
 def window_of(exit_layer: int, depth: int) -> tuple[int, int]:
     """Inclusive (first, last) trained layers of the window ending at `exit_layer`."""
     return max(0, exit_layer - depth + 1), exit_layer
@@ -121,7 +136,7 @@ def window_loss(model, exits: Exits, batch: Batch, exit_layer: int, depth: int) 
 class WindowTrainer:
     """The `step_loss` of edgecore.finetune.train for adaptive-depth tuning; logs each step's exit."""
 
-    def __init__(self, model, exits: Exits, depth: int, chooser: ExitChooser):
+    def __init__(self, model, exits: Exits, depth: int, chooser: ExitChooser | AssignedExit):
         self.model, self.exits, self.depth, self.chooser = model, exits, depth, chooser
         self.history: list[dict] = []
 

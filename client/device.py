@@ -1,0 +1,106 @@
+"""A client's device-specific model: the base as its budget allows, LoRA at its rank, exits, window depth.
+
+The base stays dense when a full-depth LoRA step of the dense model fits the device's
+budget (the memory estimator decides); otherwise LUC compresses it for the budget (weights
+as large as a one-layer tuning window allows), and adaptive depth then trains the deepest
+window that fits beside the compressed weights. The result is cached per process, keyed by
+everything it depends on: Flower's simulation keeps its worker processes across rounds, so
+only the first round pays for compression, and the sensitivity table is also cached on
+disk (edgecore.luc), so the next run does not measure it again.
+
+LoRA scaling across ranks: the global adapter has the fleet's largest rank R and alpha A.
+A client of rank r uses alpha A * r / R, so every client applies the same scale A / R to
+B @ A and the first r rank slices of the global adapter mean the same update on every device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+from edgecore import models
+from edgecore.experiment import Experiment
+from edgecore.finetune import LoraSettings, TrainSettings, add_lora, resolve_precision
+from edgecore.memory import MIB, ModelShape, StepPlan, allocator_in_effect, estimate_step
+from edgecore.profiles import DeviceProfile
+from edgecore.tuning import adaptive
+from edgecore.tuning.exits import Exits
+from edgecore.tuning.window import Depth
+
+log = logging.getLogger(__name__)
+
+QUICK_SPARSITY, QUICK_BITS = (0.0, 0.5), (4, 8)  # luc-grid "quick": 4 candidates, about a minute for SmolLM2
+
+
+@dataclass
+class DeviceModel:
+    profile: DeviceProfile
+    model: object  # PeftModel over the dense or LUC-compressed base
+    tokenizer: object
+    exits: Exits
+    depth: Depth
+    lora: LoraSettings
+    weights_mb: float  # the base as stored
+    compressed: bool
+    prepare_s: float
+    policy: dict  # what LUC chose ("" entries when dense)
+
+
+def client_lora(experiment: Experiment, rank: int | None) -> LoraSettings:
+    """The experiment's LoRA at `rank`, with alpha scaled so that alpha / rank stays the global one."""
+    base = experiment.lora()
+    rank = rank or base.r
+    alpha = base.alpha * rank / base.r
+    return replace(base, r=rank, alpha=int(alpha) if float(alpha).is_integer() else alpha)
+
+
+def device_model(experiment: Experiment, profile: DeviceProfile, rank: int | None) -> DeviceModel:
+    """The cached device model for this experiment, profile and rank (see the module docstring)."""
+    step = (experiment.batch_size, experiment.seq_len, experiment.precision)
+    return _cached(experiment.model, experiment.data, profile, client_lora(experiment, rank), step,
+                   experiment.exits, experiment.luc_grid, experiment.calib_samples, experiment.seed)
+
+
+@lru_cache(maxsize=3)
+def _cached(model_name, data_spec, profile, lora, step: tuple, exits_spec, grid, calib_samples, seed) -> DeviceModel:
+    started = time.perf_counter()
+    batch_size, seq_len, precision = step
+    settings = TrainSettings(batch_size=batch_size, seq_len=seq_len, precision=precision)
+    shape = ModelShape.from_name(model_name)
+    plan = StepPlan(batch=settings.batch_size, seq_len=settings.seq_len, lora_r=lora.r, lora_targets=tuple(lora.targets),
+                    lora_dropout=lora.dropout, precision=resolve_precision(settings.precision), allocator=allocator_in_effect())
+    full_depth_mb = estimate_step(shape, plan).total_mb
+    policy: dict = {}
+    if full_depth_mb <= profile.memory_budget_mb:
+        base, tokenizer = models.load(model_name, seed=seed)
+        compressed = False
+    else:
+        base, tokenizer, policy = _compress(model_name, data_spec, profile, plan, shape, grid, calib_samples, seed)
+        compressed = True
+    model = add_lora(base, lora)
+    exits, depth = adaptive.prepare(model, adaptive.AdaptiveSettings(exits=exits_spec, exit_rank=lora.r,
+                                                                     budget_mb=profile.memory_budget_mb), settings, lora)
+    weights_mb = adaptive.stored_weight_bytes(model) / MIB
+    log.info("device %s: %s base, %.0f MB stored, window %d layers (estimate %.0f of %.0f MB)", profile.name,
+             "LUC-compressed" if compressed else "dense", weights_mb, depth.layers, depth.estimate_mb, profile.memory_budget_mb)
+    return DeviceModel(profile, model, tokenizer, exits, depth, lora, weights_mb, compressed,
+                       time.perf_counter() - started, policy)
+
+
+def _compress(model_name, data_spec, profile, plan, shape, grid, calib_samples, seed):
+    from edgecore.luc.compress import weight_budget_bytes
+    from edgecore.luc.pipeline import compress, default_cache, profile_candidates
+
+    one_layer = replace(plan, window=(shape.layers - 1, shape.layers - 1), packed_weights=True)
+    candidates = profile_candidates(profile)
+    if grid == "quick":
+        quick = [c for c in candidates if c.pattern == "unstructured" and c.sparsity in QUICK_SPARSITY and c.bits in QUICK_BITS]
+        candidates = quick or candidates
+    result = compress(model_name, profile, data_spec, weight_budget=weight_budget_bytes(profile, shape, one_layer),
+                      calib_samples=calib_samples, cache=default_cache(), seed=seed, progress=False, candidates=candidates)
+    policy = result.policy
+    summary = {"layers": [c.label for c in policy.layers], "embedding_bits": policy.embedding_bits,
+               "weights_mb": policy.weight_bytes / MIB, "from_cache": result.from_cache, "seconds": result.seconds}
+    return result.model, result.tokenizer, summary

@@ -1,0 +1,130 @@
+"""One round of the edgecore pipeline on a device, Flower-free: global adapter in, trained tensors, votes and metrics out.
+
+    1. the device model (client.device): the base compressed by LUC when the budget needs it,
+       LoRA at the device's rank, exits, and the deepest tuning window that fits;
+    2. the global adapter and exit adapters, cut to the device's rank, are loaded;
+    3. window tuning trains the exit the server assigned (or, with no assignment, exits drawn
+       by the adaptive rule from the global exit weights and the local losses);
+    4. every exit is scored on the local validation split: the exit votes and the per-layer
+       importance (how far each layer's LoRA update moved);
+    5. only the tensors that trained go back (the window's LoRA tensors and the exit adapters
+       used), with the votes, the window and the measured memory of the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from client.device import device_model
+from client.pipeline import ClientData, partition_of
+from edgecore import data, measure, wire
+from edgecore.encoding import Encoder
+from edgecore.evaluate import evaluate
+from edgecore.experiment import Experiment
+from edgecore.finetune import resolve_precision
+from edgecore.profiles import DeviceProfile
+from edgecore.tuning import adaptive
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Device:
+    """What a client says about its hardware: its profile and LoRA rank (None: the experiment's)."""
+
+    profile: DeviceProfile
+    lora_rank: int | None = None
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the server asks of a client this round."""
+
+    exit_weights: tuple[float, ...] | None = None  # the global exit weights; None before the first votes
+    exit_layer: int | None = None  # the exit whose window to train; None: the client's adaptive choice
+
+
+@lru_cache(maxsize=4)
+def _validation(client: ClientData, seed: int) -> tuple[data.Sample, ...]:
+    dataset = data.load(client.spec, seed=seed)
+    return tuple(data.share(dataset.validation, client.num_partitions, client.partition_id, client.scheme, seed=seed))
+
+
+def edge_round(
+    experiment: Experiment, client: ClientData, device: Device, global_arrays: wire.Arrays, server_round: int,
+    assignment: Assignment,
+) -> tuple[wire.Arrays, dict]:
+    """Run the round (see the module docstring); returns the trained tensors and the metrics."""
+    started = time.perf_counter()
+    dataset, samples = partition_of(client, experiment.seed)
+    validation = list(_validation(client, experiment.seed)[: experiment.vote_samples]) or dataset.validation[: experiment.vote_samples]
+    dev = device_model(experiment, device.profile, device.lora_rank)
+    _load_global(dev, global_arrays)
+    encoder = Encoder(dev.tokenizer, dataset, max_len=experiment.seq_len)
+    rss_before = measure.rss_mb()
+    result = adaptive.tune(
+        dev.model, dev.exits, dev.depth, encoder, list(samples), validation, experiment.train_settings(server_round),
+        exit_weights=assignment.exit_weights, assigned_exit=assignment.exit_layer, progress=False,
+    )
+    trained_layers = {layer for layer, steps in enumerate(result.layer_steps) if steps}
+    trained_exits = {record["exit"] for record in result.history}
+    arrays = {k: v for k, v in wire.adapter_arrays(dev.model).items() if wire.layer_of(k) in trained_layers}
+    arrays.update({k: v for k, v in wire.exit_arrays(dev.exits).items() if wire.layer_of(k) in trained_exits})
+    report = result.report
+    metrics = {
+        "num-examples": len(samples),
+        "train-loss": report.final_loss,
+        "first-loss": report.steps[0].loss,
+        "step-s": report.mean_step_s,
+        "train-s": report.train_s,
+        "round-s": time.perf_counter() - started,
+        # The job: the stored base plus what training added on top of the process as it was.
+        "job-peak-mb": dev.weights_mb + max(0.0, report.peak_rss_mb - rss_before),
+        "estimate-mb": dev.depth.estimate_mb,
+        "budget-mb": device.profile.memory_budget_mb,
+        "weights-mb": dev.weights_mb,
+        "process-peak-rss-mb": report.peak_rss_mb,
+        "compressed": int(dev.compressed),
+        "prepare-s": dev.prepare_s,
+        "lora-rank": dev.lora.r,
+        "window": dev.depth.layers,
+        "exit-steps": [sum(1 for h in result.history if h["exit"] == e) for e in dev.exits.layers],
+        "exits": list(dev.exits.layers),
+        "votes": list(result.votes),
+        "importance": list(result.importance),
+        "layer-steps": list(result.layer_steps),
+        "bytes-up": wire.nbytes(arrays),
+        "bytes-down": wire.nbytes(global_arrays),
+        "partition-id": client.partition_id,
+    }
+    log.info("round %d partition %d on %s: window %d at exits %s, loss %.3f -> %.3f, job %.0f of %.0f MB",
+             server_round, client.partition_id, device.profile.name, dev.depth.layers, sorted(trained_exits),
+             metrics["first-loss"], metrics["train-loss"], metrics["job-peak-mb"], metrics["budget-mb"])
+    return arrays, metrics
+
+
+def edge_evaluate(experiment: Experiment, client: ClientData, device: Device, global_arrays: wire.Arrays) -> dict:
+    """Accuracy of the global adapter on this device's own base (compressed or dense), full depth."""
+    dataset, _ = partition_of(client, experiment.seed)
+    dev = device_model(experiment, device.profile, device.lora_rank)
+    _load_global(dev, global_arrays)
+    encoder = Encoder(dev.tokenizer, dataset, max_len=experiment.seq_len)
+    test = dataset.test[: experiment.device_eval_samples]
+    metrics = evaluate(dev.model, encoder, test, batch_size=experiment.eval_batch_size,
+                       precision=resolve_precision(experiment.precision), progress=False)
+    return {"num-examples": len(test), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            "compressed": int(dev.compressed), "weights-mb": dev.weights_mb}
+
+
+def _load_global(dev, global_arrays: wire.Arrays) -> None:
+    """The global LoRA and exit adapters, cut to this device's rank, into its model."""
+    ranked = wire.truncate_rank(global_arrays, dev.lora.r)
+    lora, exits = wire.split_exits(ranked)
+    wire.load_adapter_arrays(dev.model, lora)
+    dev.exits.load({k: torch.from_numpy(np.asarray(v)) for k, v in exits.items()})

@@ -1,0 +1,366 @@
+"""Server-side aggregation for heterogeneous clients: ranks, layer windows, exits.
+
+Pure numpy, no Flower: the strategy calls these on the named fp32 arrays of `edgecore.wire`.
+
+The global adapter is kept at the fleet's largest LoRA rank R. A client of rank r < R gets the
+global arrays cut to r (`truncate`) and sends back tensors of rank r, and only for the decoder
+layers of its window plus its exit (`tensors_of_window`). `update_problems` checks an update
+against that contract, `partial_average` merges the updates element by element over the
+clients that really hold each element, and `ServerOptimizer` turns the average into the next
+global adapter (FedAvg, or FedAdam over the averaged delta). `global_exit_weights` merges the
+clients' votes on how much each exit should count, and `LayerLedger` decides which window
+(exit) each client trains next round.
+
+Two kinds of tensor travel:
+- PEFT LoRA keys, `...layers.<L>...lora_A.weight` (rank x in) and `...lora_B.weight` (out x rank);
+- exit adapters, `exit.<L>.down` (rank x hidden) and `exit.<L>.up` (hidden x rank).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from edgecore.errors import EdgecoreError
+from edgecore.wire import EXIT_PREFIX, layer_of, rank_axis, rank_slice, with_rank
+
+Arrays = dict[str, np.ndarray]
+
+# Window scores that differ by less than this (relatively) are ties: float sums over different
+# windows must not break a tie that is exact in real numbers.
+TIE_TOLERANCE = 1e-9
+
+
+# --- What a client may send ---------------------------------------------------------------
+
+
+def tensors_of_window(global_arrays: Mapping[str, np.ndarray], first_layer: int, last_layer: int, exit_layer: int) -> set[str]:
+    """Names a client training decoder layers first..last (inclusive) and the exit at `exit_layer` may send."""
+    if not 0 <= first_layer <= last_layer:
+        raise EdgecoreError(
+            f"window layers {first_layer}..{last_layer} are not a range; need 0 <= first_layer <= last_layer"
+        )
+    exit_names = {f"exit.{exit_layer}.down", f"exit.{exit_layer}.up"}
+    names = {name for name in global_arrays if name in exit_names}
+    for name in global_arrays:
+        layer = layer_of(name)
+        if not name.startswith(EXIT_PREFIX) and layer is not None and first_layer <= layer <= last_layer:
+            names.add(name)
+    return names
+
+
+def _tensor_problems(name: str, value, reference: np.ndarray, rank: int) -> list[str]:
+    """Shape, dtype and value problems of one sent tensor against its global tensor."""
+    axis = rank_axis(name)
+    global_rank = reference.shape[axis]
+    if rank > global_rank:
+        return [f"{name}: declared rank {rank} exceeds the global rank {global_rank}; the client must train at rank <= {global_rank}"]
+    expected = with_rank(reference.shape, axis, rank)
+    value = np.asarray(value)
+    if value.shape != expected:
+        return [f"{name}: shape {tuple(value.shape)}, expected {expected} for rank {rank}"]
+    if value.dtype != np.float32:
+        return [f"{name}: dtype {value.dtype}, expected float32; convert before sending"]
+    if not np.isfinite(value).all():
+        return [f"{name}: {int((~np.isfinite(value)).sum())} non-finite values (NaN/inf); training diverged"]
+    return []
+
+
+def update_problems(
+    update: Mapping[str, np.ndarray],
+    global_arrays: Mapping[str, np.ndarray],
+    *,
+    allowed: set[str] | None,
+    rank: int,
+    max_delta_norm: float,
+) -> list[str]:
+    """Why a client update must be rejected (empty when it is fine).
+
+    The update is a rank-`rank` client's answer to the global adapter truncated to `rank`: every
+    tensor must be a global one, assigned to it this round (when `allowed` is given), of the
+    global shape with the rank axis at `rank`, fp32 and finite. Its L2 distance from the
+    truncated global adapter, over all sent tensors, must not exceed `max_delta_norm`, which
+    catches exploded or scaled-up updates; the distance is only measured on a well-formed update.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        return [f"declared rank {rank!r} is not a positive integer"]
+    if not update:
+        return ["update is empty: it sends no tensor"]
+    problems, squared = [], 0.0
+    for name in sorted(update):
+        value = update[name]
+        if name not in global_arrays:
+            problems.append(f"{name}: not in the global adapter; the client sent a tensor the server never sent")
+            continue
+        if allowed is not None and name not in allowed:
+            problems.append(f"{name}: not assigned this round; the client must send only its window's tensors")
+            continue
+        reference = global_arrays[name]
+        found = _tensor_problems(name, value, reference, rank)
+        problems.extend(found)
+        if not found:
+            start = reference[rank_slice(rank_axis(name), rank)].astype(np.float64)
+            squared += float(np.square(np.asarray(value, dtype=np.float64) - start).sum())
+    delta = math.sqrt(squared)
+    if not problems and delta > max_delta_norm:
+        problems.append(
+            f"update distance {delta:.3g} from the global adapter exceeds max_delta_norm {max_delta_norm:.3g}"
+        )
+    return problems
+
+
+# --- Averaging ----------------------------------------------------------------------------
+
+
+def _positive_weight(weight, what: str) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
+        raise EdgecoreError(f"{what}: weight {weight!r} is not a number; give its num_examples")
+    if not (math.isfinite(weight) and weight > 0):
+        raise EdgecoreError(f"{what}: weight {weight!r} must be a finite number > 0 (its num_examples)")
+    return float(weight)
+
+
+def _held_index(name: str, value: np.ndarray, reference: np.ndarray) -> tuple[slice, slice]:
+    """The part of the global tensor a (possibly lower-rank) update tensor really holds."""
+    axis = rank_axis(name)
+    rank = value.shape[axis]
+    if value.ndim != 2 or not 1 <= rank <= reference.shape[axis] or with_rank(reference.shape, axis, rank) != value.shape:
+        raise EdgecoreError(
+            f"{name}: shape {tuple(value.shape)} does not fit the global shape {tuple(reference.shape)} at any rank "
+            f"<= {reference.shape[axis]}; run update_problems before averaging"
+        )
+    return rank_slice(axis, rank)
+
+
+def partial_average(
+    global_arrays: Mapping[str, np.ndarray], updates: Sequence[tuple[Mapping[str, np.ndarray], float]]
+) -> tuple[Arrays, dict[str, int]]:
+    """Examples-weighted mean, element by element, over the updates that hold each element.
+
+    Each update is read as zero-padded to the global rank together with a mask of the elements
+    it really holds (its own rank slices; the padding is not held). Every element becomes the
+    weighted mean over the updates that hold it; elements no update holds, and tensors nobody
+    sent, keep the global value (untouched tensors are the global arrays themselves).
+
+    Why not HetLoRA's plain mean of the zero-padded updates: a rank-r client would then count
+    as a vote for zero on slices r..R it never trained, so every round a low-rank client takes
+    part the high-rank slices shrink toward zero, and more so the more low-rank clients there are.
+
+    Returns the new arrays and, for every global tensor, how many updates sent it.
+    """
+    sums: dict[str, np.ndarray] = {}
+    weights: dict[str, np.ndarray] = {}
+    contributors = {name: 0 for name in global_arrays}
+    for number, (arrays, examples) in enumerate(updates):
+        weight = _positive_weight(examples, f"update {number}")
+        for name, value in arrays.items():
+            if name not in global_arrays:
+                raise EdgecoreError(f"update {number}: tensor {name!r} is not in the global adapter; run update_problems first")
+            reference = global_arrays[name]
+            value = np.asarray(value, dtype=np.float64)
+            held = _held_index(name, value, reference)
+            sums.setdefault(name, np.zeros(reference.shape))[held] += weight * value
+            weights.setdefault(name, np.zeros(reference.shape))[held] += weight
+            contributors[name] += 1
+    averaged: Arrays = {}
+    for name, reference in global_arrays.items():
+        if name not in sums:
+            averaged[name] = reference
+            continue
+        held = weights[name] > 0
+        mean = np.array(reference, dtype=np.float64)
+        mean[held] = sums[name][held] / weights[name][held]
+        averaged[name] = mean.astype(reference.dtype)
+    return averaged, contributors
+
+
+# --- Server optimizers --------------------------------------------------------------------
+
+
+class ServerOptimizer:
+    """Turns the round's average into the next global adapter.
+
+    "fedavg" and "fedprox" take the average as it is (FedProx's proximal term is a client-side
+    loss term). "fedadam" (Reddi et al. 2021, Adaptive Federated Optimization) treats
+    delta = average - global as a pseudo-gradient per tensor and takes an Adam-like step
+    global + lr * m / (sqrt(v) + tau), with no bias correction as in the paper. Only tensors
+    somebody sent move; the others, and their moments, stay as they are.
+    """
+
+    KINDS = ("fedavg", "fedprox", "fedadam")
+
+    def __init__(self, kind: str = "fedavg", lr: float = 1.0, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        if kind not in self.KINDS:
+            raise EdgecoreError(f"server optimizer {kind!r} is unknown; choose one of {', '.join(self.KINDS)}")
+        if not lr > 0:
+            raise EdgecoreError(f"server lr {lr!r} must be > 0")
+        for label, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0 <= beta < 1:
+                raise EdgecoreError(f"server {label} {beta!r} must be in [0, 1)")
+        if not tau > 0:
+            raise EdgecoreError(f"server tau {tau!r} must be > 0; it keeps the step finite where v is 0")
+        self.kind, self.lr, self.beta1, self.beta2, self.tau = kind, lr, beta1, beta2, tau
+        self.first_moment: dict[str, np.ndarray] = {}
+        self.second_moment: dict[str, np.ndarray] = {}
+
+    def step(self, global_arrays: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray], contributors: Mapping[str, int]) -> Arrays:
+        """The next global arrays from this round's average (see `partial_average`)."""
+        unknown = set(averaged) - set(global_arrays)
+        if unknown:
+            raise EdgecoreError(f"averaged tensor {sorted(unknown)[0]!r} is not in the global adapter; average against the same global arrays")
+        if self.kind != "fedadam":
+            return {name: averaged.get(name, value) for name, value in global_arrays.items()}
+        return {
+            name: self._adam_step(name, value, averaged[name]) if contributors.get(name, 0) > 0 and name in averaged else value
+            for name, value in global_arrays.items()
+        }
+
+    def _adam_step(self, name: str, current: np.ndarray, average: np.ndarray) -> np.ndarray:
+        current64 = np.asarray(current, dtype=np.float64)
+        delta = np.asarray(average, dtype=np.float64) - current64
+        m = self.first_moment.get(name, np.zeros_like(delta))
+        v = self.second_moment.get(name, np.zeros_like(delta))
+        if m.shape != delta.shape:
+            raise EdgecoreError(f"{name}: shape changed from {m.shape} to {delta.shape} between rounds; start a new ServerOptimizer")
+        m = self.beta1 * m + (1 - self.beta1) * delta
+        v = self.beta2 * v + (1 - self.beta2) * np.square(delta)
+        self.first_moment[name], self.second_moment[name] = m, v
+        return (current64 + self.lr * m / (np.sqrt(v) + self.tau)).astype(np.asarray(current).dtype)
+
+
+# --- Exit weights -------------------------------------------------------------------------
+
+
+def _nonnegative_vector(vector, length: int, what: str, entry: str) -> np.ndarray:
+    values = np.asarray(vector, dtype=np.float64)
+    if values.shape != (length,):
+        raise EdgecoreError(f"{what} has shape {values.shape}, expected ({length},): one entry per {entry}")
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise EdgecoreError(f"{what} is {values.tolist()}; entries must be finite and >= 0")
+    return values
+
+
+def _weighted_mean(vectors: Sequence[tuple[Sequence[float], float]], length: int, what: str, entry: str) -> np.ndarray | None:
+    """Examples-weighted mean of validated vectors; None when there are none."""
+    total, weight_sum = np.zeros(length), 0.0
+    for number, (vector, examples) in enumerate(vectors):
+        weight = _positive_weight(examples, f"{what} {number}")
+        total += weight * _nonnegative_vector(vector, length, f"{what} {number}", entry)
+        weight_sum += weight
+    return total / weight_sum if weight_sum else None
+
+
+def global_exit_weights(votes: Sequence[tuple[Sequence[float], float]], exits: int) -> list[float]:
+    """The fleet's exit weights: the examples-weighted mean of the clients' votes, summing to 1.
+
+    Uniform (1/exits each) when nobody voted or every vote is all zeros.
+    """
+    if isinstance(exits, bool) or not isinstance(exits, (int, np.integer)) or exits < 1:
+        raise EdgecoreError(f"exits {exits!r} must be a positive integer: the number of exits")
+    mean = _weighted_mean(votes, exits, "exit vote", "exit")
+    if mean is None or mean.sum() == 0:
+        return [1.0 / exits] * exits
+    return (mean / mean.sum()).tolist()
+
+
+# --- Which window each client trains ------------------------------------------------------
+
+
+class LayerLedger:
+    """Per decoder layer: how much it has been trained, and how much it matters.
+
+    `coverage[l]` counts client-steps that trained layer l. `importance[l]` is an exponential
+    moving average (decay 0.5) of the examples-weighted mean of the importance vectors clients
+    report; the first report sets it directly, so it does not start biased toward zero.
+    """
+
+    DECAY = 0.5
+    # Keeps layers nobody rated yet in the running. Relative to the mean importance, so the
+    # rule does not depend on the unit clients measure importance in.
+    IMPORTANCE_FLOOR = 1e-3
+
+    def __init__(self, layers: int):
+        if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or layers < 1:
+            raise EdgecoreError(f"layers {layers!r} must be a positive integer: the model's decoder layers")
+        self.layers = int(layers)
+        self.coverage = np.zeros(self.layers)
+        self.importance = np.zeros(self.layers)
+        self._rated = False
+
+    def record_training(self, first: int, last: int, steps: float) -> None:
+        """Add `steps` client-steps to layers first..last (inclusive)."""
+        if not 0 <= first <= last < self.layers:
+            raise EdgecoreError(f"trained layers {first}..{last} are outside 0..{self.layers - 1} or reversed")
+        if not (math.isfinite(steps) and steps >= 0):
+            raise EdgecoreError(f"steps {steps!r} must be a finite number >= 0")
+        self.coverage[first : last + 1] += steps
+
+    def record_importance(self, vectors: Sequence[tuple[Sequence[float], float]]) -> None:
+        """Fold this round's (importance vector, num_examples) reports into the moving average."""
+        mean = _weighted_mean(vectors, self.layers, "importance vector", "decoder layer")
+        if mean is None:
+            return
+        self.importance = mean if not self._rated else self.DECAY * self.importance + (1 - self.DECAY) * mean
+        self._rated = True
+
+    def _check_exits(self, exits: Sequence[int]) -> list[int]:
+        exits = [int(e) for e in exits]
+        if not exits or exits != sorted(set(exits)) or exits[0] < 0 or exits[-1] >= self.layers:
+            raise EdgecoreError(
+                f"exits {exits} must be non-empty, sorted, unique and within 0..{self.layers - 1}"
+            )
+        return exits
+
+    @staticmethod
+    def _check_depths(depths: Mapping[object, int]) -> None:
+        for client, depth in depths.items():
+            if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
+                raise EdgecoreError(f"client {client!r}: window depth {depth!r} must be an integer >= 1")
+
+    @staticmethod
+    def window(exit_layer: int, depth: int) -> tuple[int, int]:
+        """The layers (first, last) a window of `depth` layers ending at `exit_layer` trains."""
+        return max(0, exit_layer - depth + 1), exit_layer
+
+    def _layer_values(self) -> np.ndarray:
+        floor = self.IMPORTANCE_FLOOR * self.importance.mean() if self.importance.any() else 1.0
+        return self.importance + floor
+
+    def assign_windows(self, depths: Mapping[object, int], exits: Sequence[int]) -> dict[object, int]:
+        """The exit each client trains up to this round; its window is layers max(0, e-d+1)..e.
+
+        Clients are served deepest window first (deep windows go to the devices that can afford
+        them; ties keep the order of `depths`). Each candidate exit e scores the sum over its
+        window's layers l of (importance_l + eps) / (1 + coverage_l + planned_l), where
+        planned_l counts the windows already handed out in this call that cover l: clients of
+        one round spread over different layers, and the layers covered least and mattering
+        most come first. The highest score wins; ties go to the deeper exit. A depth of at least
+        the deepest exit + 1 always takes the last exit: its windows are then the prefixes 0..e,
+        each holding the shallower ones, and every term is positive.
+        """
+        exits = self._check_exits(exits)
+        self._check_depths(depths)
+        values, planned = self._layer_values(), np.zeros(self.layers)
+        chosen = {}
+        for client in sorted(depths, key=lambda c: -depths[c]):  # stable: ties keep dict order
+            depth = depths[client]
+            best = self._best_exit(exits, depth, values, planned)
+            first, last = self.window(best, depth)
+            planned[first : last + 1] += 1
+            chosen[client] = best
+        return {client: chosen[client] for client in depths}
+
+    def _best_exit(self, exits: list[int], depth: int, values: np.ndarray, planned: np.ndarray) -> int:
+        def score(exit_layer: int) -> float:
+            first, last = self.window(exit_layer, depth)
+            span = slice(first, last + 1)
+            return float((values[span] / (1 + self.coverage[span] + planned[span])).sum())
+
+        best, best_score = exits[-1], score(exits[-1])
+        for exit_layer in reversed(exits[:-1]):  # deepest first: a shallower exit must beat it clearly
+            candidate = score(exit_layer)
+            if candidate > best_score * (1 + TIE_TOLERANCE):
+                best, best_score = exit_layer, candidate
+        return best
