@@ -23,7 +23,7 @@ test: $(STAMP)
 
 # The federated simulation of the default experiment: SmolLM2-135M, BBC News, 4 clients.
 demo: $(STAMP)
-	$(PY) -m simulations.simulate --num-clients 4
+	$(PY) -m simulations.simulate --num-clients 3
 
 # One device, no Flower: plain LoRA fine-tuning with test accuracy before and after.
 demo-local: $(STAMP)

@@ -148,33 +148,3 @@ def pad_rank(arrays: Mapping[str, np.ndarray], rank: int) -> Arrays:
 
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
     return int(sum(a.nbytes for a in arrays.values()))
-
-
-def update_problems(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], max_delta_norm: float) -> list[str]:
-    """Why an update must not count (empty when it is fine).
-
-    Checked against the global adapter it was trained from: the same keys, shapes and dtype
-    (fp32), only finite values, and a distance from the global adapter no larger than
-    `max_delta_norm` (L2 over all tensors), which catches exploded or scaled-up updates.
-    """
-    problems = []
-    missing, unexpected = set(reference) - set(update), set(update) - set(reference)
-    if missing:
-        problems.append(f"{len(missing)} missing tensors, e.g. {sorted(missing)[0]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors, e.g. {sorted(unexpected)[0]}")
-    squared = 0.0
-    for name in sorted(set(update) & set(reference)):
-        value, ref = update[name], reference[name]
-        if value.shape != ref.shape:
-            problems.append(f"{name}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
-        elif value.dtype != np.float32:
-            problems.append(f"{name}: dtype {value.dtype}, expected float32")
-        elif not np.isfinite(value).all():
-            problems.append(f"{name}: {int((~np.isfinite(value)).sum())} non-finite values")
-        else:
-            squared += float(np.square(value.astype(np.float64) - ref).sum())
-    delta = squared**0.5
-    if not problems and delta > max_delta_norm:
-        problems.append(f"update norm {delta:.3g} exceeds the limit {max_delta_norm:.3g} (max-update-norm)")
-    return problems

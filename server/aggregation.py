@@ -106,7 +106,7 @@ def update_problems(
     delta = math.sqrt(squared)
     if not problems and delta > max_delta_norm:
         problems.append(
-            f"update distance {delta:.3g} from the global adapter exceeds max_delta_norm {max_delta_norm:.3g}"
+            f"update distance {delta:.3g} from the global adapter exceeds the limit {max_delta_norm:.3g} (max-update-norm)"
         )
     return problems
 

@@ -14,7 +14,7 @@ from edgecore.experiment import Experiment
 from server.evaluation import GlobalModel
 from server.run_folder import RunFolder
 from server.aggregation import ServerOptimizer
-from server.fleet_strategy import FleetStrategy
+from server.strategy import FleetStrategy
 
 log = logging.getLogger(__name__)
 

@@ -1,66 +1,170 @@
-"""FedAvg over adapter tensors, with every client update validated before it counts."""
+"""The server's strategy for a heterogeneous fleet: partial, rank-aware aggregation, exit votes, window assignment.
+
+Per round:
+  configure_train: each client gets the global adapter cut to its rank (learnt from its last
+      reply; the whole adapter before that), the global exit weights, and, once the server
+      knows its window depth, the exit whose window it trains (LayerLedger.assign_windows:
+      the fleet covers the least-trained, most important layers first, deep windows going
+      to the devices that can afford them);
+  aggregate_train: every update is checked (server.aggregation.update_problems: only the
+      tensors of its assigned window, at its declared rank, finite, not too far from the
+      global); the accepted ones are averaged tensor by tensor over the clients that sent
+      them (partial_average), then the server optimizer (FedAvg / FedProx / FedAdam) steps;
+      the votes become next round's global exit weights and the layer importance and the
+      trained layers go into the ledger;
+  configure/aggregate_evaluate: every client scores the new global adapter on its own base
+      (compressed or dense), so the run folder shows what the adapter does on each device.
+Clients of the plain pipeline send every LoRA tensor at the global rank and no votes; they
+are averaged the same way, which is then exactly FedAvg.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from client.records import from_record
+from client.records import from_record, to_record
 from edgecore import wire
+from server import aggregation
 
 log = logging.getLogger(__name__)
 
 
-class ValidatedFedAvg(FedAvg):
-    """FedAvg (weighted by num-examples) that first drops malformed or outlying updates.
+class FleetStrategy(FedAvg):
+    """FedAvg's sampling and round loop with the aggregation of the module docstring.
 
-    An update is checked against the global adapter sent that round (keys, shapes, fp32,
-    finite values, distance from the global adapter); a bad one is logged with the client's
-    node id and reason and left out, and the round goes on with the others. What each client
-    reported, and what was dropped, is kept per round for the run folder.
+    What each client reported, and which updates were rejected and why, is kept per round for
+    the run folder; with keep_updates, every accepted update too.
     """
 
-    def __init__(self, *, max_update_norm: float, keep_updates: bool = False, **kwargs):
+    def __init__(self, *, exits: tuple[int, ...], layers: int, optimizer: aggregation.ServerOptimizer,
+                 max_update_norm: float, keep_updates: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.max_update_norm = max_update_norm
         self.keep_updates = keep_updates
-        self.round_updates: dict[int, dict[int, dict]] = {}  # round -> node -> arrays, when kept
         self.global_arrays: dict = {}
+        self.round_updates: dict[int, dict[int, dict]] = {}  # round -> node -> arrays, when kept
         self.round_clients: dict[int, list[dict]] = {}
         self.round_dropped: dict[int, list[dict]] = {}
+        self.exits = tuple(exits)
+        self.ledger = aggregation.LayerLedger(layers)
+        self.optimizer = optimizer
+        self.exit_weights: list[float] | None = None
+        self.nodes: dict[int, dict] = {}  # node -> what its last reply declared: rank, window, device
+        self.assigned: dict[int, int] = {}  # node -> exit assigned this round
+        self.round_assignments: dict[int, dict[int, int]] = {}
+        self.round_devices: dict[int, list[dict]] = {}  # round -> each client's evaluation on its own base
 
-    def configure_train(self, server_round, arrays: ArrayRecord, config, grid):
-        self.global_arrays = from_record(arrays)  # the reference every update is checked against
-        return super().configure_train(server_round, arrays, config, grid)
+    # ------------------------------------------------------------------ train
+
+    def configure_train(self, server_round, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        self.global_arrays = from_record(arrays)
+        messages = list(FedAvg.configure_train(self, server_round, arrays, config, grid))
+        known = {m.metadata.dst_node_id: self.nodes[m.metadata.dst_node_id]["window"] for m in messages
+                 if self.nodes.get(m.metadata.dst_node_id, {}).get("window")}
+        self.assigned = self.ledger.assign_windows(known, self.exits) if known and self.exits else {}
+        self.round_assignments[server_round] = dict(self.assigned)
+        return [self._train_message(m.metadata.dst_node_id, config, server_round) for m in messages]
+
+    def _train_message(self, node: int, config: ConfigRecord, server_round: int) -> Message:
+        values = {**dict(config), "server-round": server_round}
+        if self.exit_weights is not None:
+            values["exit-weights"] = list(self.exit_weights)
+        if node in self.assigned:
+            values["assigned-exit"] = self.assigned[node]
+        rank = self.nodes.get(node, {}).get("rank")
+        arrays = wire.truncate_rank(self.global_arrays, rank) if rank else self.global_arrays
+        content = RecordDict({"arrays": to_record(arrays), "config": ConfigRecord(values)})
+        return Message(content=content, message_type="train", dst_node_id=node)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, clients, dropped = [], [], []
+        accepted, clients, dropped = [], [], []
         for reply in replies:
             node = reply.metadata.src_node_id
-            reasons = [f"client error: {reply.error.reason}"] if reply.has_error() else self.problems(reply.content)
+            reasons = [f"client error: {_last_line(reply.error.reason)}"] if reply.has_error() else self.problems_of(node, reply.content)
             if reasons:
-                log.warning("round %d: dropped the update of node %d: %s", server_round, node, "; ".join(reasons))
+                log.warning("round %d: rejected the update of node %d: %s", server_round, node, "; ".join(reasons))
                 dropped.append({"node_id": node, "reason": "; ".join(reasons)})
                 continue
-            kept.append(reply)
-            clients.append({"node_id": node, **dict(reply.content["metrics"])})
+            metrics = dict(reply.content["metrics"])
+            device = dict(reply.content["device"]).get("device", "") if "device" in reply.content.config_records else ""
+            update = from_record(reply.content["arrays"])
+            accepted.append((update, metrics))
+            clients.append({"node_id": node, "device": device, "assigned_exit": self.assigned.get(node), **metrics})
+            self.nodes[node] = {"rank": int(metrics.get("lora-rank", 0)) or None, "window": int(metrics.get("window", 0)) or None,
+                                "device": device}
             if self.keep_updates:
-                self.round_updates.setdefault(server_round, {})[node] = from_record(reply.content["arrays"])
+                self.round_updates.setdefault(server_round, {})[node] = update
         self.round_clients[server_round] = clients
         self.round_dropped[server_round] = dropped
-        if not kept:
+        if not accepted:
             log.warning("round %d: no valid update; the global adapter stays as it was", server_round)
             return None, None
-        return super().aggregate_train(server_round, kept)
+        averaged, contributors = aggregation.partial_average(
+            self.global_arrays, [(update, float(m["num-examples"])) for update, m in accepted])
+        new_global = self.optimizer.step(self.global_arrays, averaged, contributors)
+        self._learn_from_votes(accepted)
+        trained = sum(1 for n in contributors.values() if n)
+        log.info("round %d: %d updates, %d of %d tensors trained", server_round, len(accepted), trained, len(contributors))
+        return to_record(new_global), MetricRecord({"clients": len(accepted), "tensors-trained": trained})
 
-    def problems(self, content: RecordDict) -> list[str]:
-        """Why a reply's content must not count this round (empty when it is fine)."""
+    def problems_of(self, node: int, content: RecordDict) -> list[str]:
+        """Why a reply must not count (empty when it is fine); see the module docstring."""
         if "arrays" not in content.array_records or "metrics" not in content.metric_records:
             return ["reply lacks its 'arrays' or 'metrics' record"]
-        examples = content["metrics"].get(self.weighted_by_key)
+        metrics = content["metrics"]
+        examples = metrics.get(self.weighted_by_key)
         if not isinstance(examples, (int, float)) or examples <= 0:
             return [f"metric {self.weighted_by_key!r} is {examples!r}, expected a positive number"]
-        return wire.update_problems(from_record(content["arrays"]), self.global_arrays, self.max_update_norm)
+        global_rank = max((v.shape[wire.rank_axis(k)] for k, v in self.global_arrays.items()), default=0)
+        rank = int(metrics.get("lora-rank", global_rank))
+        allowed = None
+        if node in self.assigned:
+            exit_layer, depth = self.assigned[node], int(metrics.get("window", 0))
+            if depth != self.nodes[node]["window"]:
+                return [f"window of {depth} layers, but {self.nodes[node]['window']} was declared and assigned"]
+            first, last = self.ledger.window(exit_layer, depth)
+            allowed = aggregation.tensors_of_window(self.global_arrays, first, last, exit_layer)
+        votes = metrics.get("votes")
+        if votes is not None and len(votes) != len(self.exits):
+            return [f"{len(votes)} exit votes for {len(self.exits)} exits"]
+        return aggregation.update_problems(from_record(content["arrays"]), self.global_arrays, allowed=allowed, rank=rank,
+                                           max_delta_norm=self.max_update_norm)
+
+    def _learn_from_votes(self, accepted: list[tuple[dict, dict]]) -> None:
+        voters = [(m["votes"], float(m["num-examples"])) for _, m in accepted if m.get("votes")]
+        if voters:
+            self.exit_weights = aggregation.global_exit_weights(voters, len(self.exits))
+        important = [(m["importance"], float(m["num-examples"])) for _, m in accepted if m.get("importance")]
+        if important:
+            self.ledger.record_importance(important)
+        for _, m in accepted:
+            for layer, steps in enumerate(m.get("layer-steps") or []):
+                if steps:
+                    self.ledger.record_training(layer, layer, steps)
+
+    # ------------------------------------------------------------------ evaluate
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        results = []
+        for reply in replies:
+            if reply.has_error():
+                log.warning("round %d: node %d could not evaluate: %s", server_round, reply.metadata.src_node_id,
+                            _last_line(reply.error.reason))
+                continue
+            device = dict(reply.content["device"]).get("device", "") if "device" in reply.content.config_records else ""
+            results.append({"node_id": reply.metadata.src_node_id, "device": device, **dict(reply.content["metrics"])})
+        self.round_devices[server_round] = results
+        if not results:
+            return None
+        total = sum(r["num-examples"] for r in results)
+        return MetricRecord({"accuracy": sum(r.get("accuracy", 0.0) * r["num-examples"] for r in results) / total})
+
+
+def _last_line(reason: str) -> str:
+    """A client's exception arrives with the whole remote traceback; its last line says what went wrong."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    return lines[-1][:500] if lines else str(reason)

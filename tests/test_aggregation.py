@@ -172,7 +172,7 @@ def test_update_problems_name_each_reason():
     assert name in reason and "non-finite" in reason
 
     (reason,) = problems(good, limit=0.01)
-    assert "exceeds max_delta_norm" in reason
+    assert "exceeds the limit" in reason
 
     assert "empty" in problems({})[0]
     assert "not in the global adapter" in problems({**good, "exit.9.down": good["exit.3.down"]})[0]

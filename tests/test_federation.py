@@ -20,7 +20,8 @@ from edgecore import models, wire
 from edgecore.experiment import Experiment
 from edgecore.finetune import add_lora
 from server.flower import free_port
-from server.strategy import ValidatedFedAvg
+from server.aggregation import ServerOptimizer
+from server.strategy import FleetStrategy
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"model": "tiny-micro", "num-rounds": 2, "local-steps": 2, "batch-size": 4, "seq-len": 160,
@@ -36,19 +37,40 @@ def _content(arrays, examples=10):
     return RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord({"num-examples": examples})})
 
 
+def _strategy():
+    return FleetStrategy(exits=(), layers=4, optimizer=ServerOptimizer(), max_update_norm=50.0)
+
+
 def test_bad_updates_are_screened_out_with_a_reason():
-    strategy = ValidatedFedAvg(max_update_norm=50.0)
+    strategy = _strategy()
     strategy.global_arrays = ref = _reference_arrays()
     name = sorted(ref)[0]
-    assert strategy.problems(_content({k: v + 0.01 for k, v in ref.items()})) == []
+    assert strategy.problems_of(1, _content({k: v + 0.01 for k, v in ref.items()})) == []
     nan = {**ref, name: np.full_like(ref[name], np.nan)}
-    assert "non-finite" in strategy.problems(_content(nan))[0]
+    assert "non-finite" in strategy.problems_of(1, _content(nan))[0]
     wrong_shape = {**ref, name: np.zeros((1, 1), np.float32)}
-    assert "shape" in strategy.problems(_content(wrong_shape))[0]
-    assert "num-examples" in strategy.problems(_content(ref, examples=0))[0]
+    assert "shape" in strategy.problems_of(1, _content(wrong_shape))[0]
+    assert "num-examples" in strategy.problems_of(1, _content(ref, examples=0))[0]
     scaled = {k: v * 1e4 for k, v in ref.items()}
-    assert "exceeds the limit" in strategy.problems(_content(scaled))[0]
-    assert "lacks" in strategy.problems(RecordDict({"metrics": MetricRecord({"num-examples": 3})}))[0]
+    assert "exceeds the limit" in strategy.problems_of(1, _content(scaled))[0]
+    assert "lacks" in strategy.problems_of(1, RecordDict({"metrics": MetricRecord({"num-examples": 3})}))[0]
+
+
+def test_an_assigned_client_may_send_only_its_window_at_its_rank():
+    strategy = FleetStrategy(exits=(1, 3), layers=4, optimizer=ServerOptimizer(), max_update_norm=50.0)
+    strategy.global_arrays = ref = _reference_arrays()  # tiny-micro: 4 layers, LoRA rank 4
+    strategy.assigned, strategy.nodes = {7: 1}, {7: {"window": 1, "rank": 2}}
+
+    def reply(arrays, window=1, rank=2):
+        metrics = MetricRecord({"num-examples": 5, "window": window, "lora-rank": rank})
+        return RecordDict({"arrays": to_record(arrays), "metrics": metrics})
+
+    layer1 = wire.truncate_rank({k: v for k, v in ref.items() if wire.layer_of(k) == 1}, 2)
+    assert strategy.problems_of(7, reply(layer1)) == []
+    layer0 = wire.truncate_rank({k: v for k, v in ref.items() if wire.layer_of(k) == 0}, 2)
+    assert "not assigned" in strategy.problems_of(7, reply({**layer1, **layer0}))[0]
+    assert "shape" in strategy.problems_of(7, reply(wire.truncate_rank(layer1, 1)))[0]
+    assert "declared" in strategy.problems_of(7, reply(layer1, window=2))[0]
 
 
 def test_a_round_goes_on_without_the_bad_updates(monkeypatch):
@@ -57,7 +79,7 @@ def test_a_round_goes_on_without_the_bad_updates(monkeypatch):
 
     for field, value in (("run_id", 1), ("task_id", 1), ("node_id", 0)):  # what a real run sets
         monkeypatch.setattr(TaskIdentity, f"_{field}", value)
-    strategy = ValidatedFedAvg(max_update_norm=50.0)
+    strategy = _strategy()
     strategy.global_arrays = ref = _reference_arrays()
     name = sorted(ref)[0]
     updates = {

@@ -31,21 +31,17 @@ def test_arrays_of_another_rank_do_not_load(adapter):
         wire.load_adapter_arrays(other, wire.adapter_arrays(adapter))
 
 
-def test_update_checks(adapter):
-    ref = wire.adapter_arrays(adapter)
-    name = sorted(ref)[0]
-    good = {k: v + 0.01 for k, v in ref.items()}
-    assert wire.update_problems(good, ref, max_delta_norm=10.0) == []
-
-    def broken(**change):
-        return {**good, **change}
-
-    nan = good[name].copy()
-    nan[0, 0] = np.nan
-    assert "non-finite" in wire.update_problems(broken(**{name: nan}), ref, 10.0)[0]
-    assert "shape" in wire.update_problems(broken(**{name: good[name][:, :1]}), ref, 10.0)[0]
-    assert "dtype" in wire.update_problems(broken(**{name: good[name].astype(np.float64)}), ref, 10.0)[0]
-    assert "missing" in wire.update_problems({k: v for k, v in good.items() if k != name}, ref, 10.0)[0]
-    assert "unexpected" in wire.update_problems(broken(extra=np.zeros(2, np.float32)), ref, 10.0)[0]
-    huge = {k: v * 1000 for k, v in ref.items()}
-    assert "exceeds the limit" in wire.update_problems(huge, ref, 10.0)[0]
+def test_a_truncated_adapter_loads_into_a_lower_rank_model(adapter):
+    """The global adapter cut to rank 2 is exactly what a rank-2 client's PEFT model holds."""
+    arrays = wire.adapter_arrays(adapter)
+    rank = adapter.peft_config["default"].r
+    model, _ = models.load("tiny-micro")
+    low = add_lora(model, LoraSettings(r=2, targets=tuple(adapter.peft_config["default"].target_modules)))
+    cut = wire.truncate_rank(arrays, 2)
+    wire.load_adapter_arrays(low, cut)
+    assert all(np.array_equal(wire.adapter_arrays(low)[k], cut[k]) for k in cut)
+    padded = wire.pad_rank(cut, rank)
+    for name, value in arrays.items():
+        kept = wire.rank_slice(wire.rank_axis(name), 2)
+        np.testing.assert_array_equal(cut[name], value[kept])
+        assert padded[name].shape == value.shape and np.abs(padded[name]).sum() == np.abs(cut[name]).sum()
