@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgecore import data
+from edgecore import data, profiles
 from edgecore.errors import EdgecoreError
 from server import flower
 from server.addresses import parse_address, parse_port, wait_reachable
@@ -29,7 +29,17 @@ def node_config(args) -> str:
     data.load(spec)  # fails now, with the file and line, if the data is bad
     if '"' in spec:
         raise EdgecoreError(f"--data {spec!r}: a path with a double quote cannot be passed to Flower; rename it")
-    return f'data="{spec}" partition-id={args.partition_id} num-partitions={args.num_partitions}'
+    device = args.device_profile
+    if device != profiles.LOCAL and Path(device).exists():
+        device = str(Path(device).resolve())
+    profile = profiles.resolve_profile(device)  # fails now, naming the field, if the profile is bad
+    if '"' in device:
+        raise EdgecoreError(f"--device-profile {device!r}: a path with a double quote cannot be passed to Flower; rename it")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise EdgecoreError(f"--lora-rank {args.lora_rank} must be at least 1")
+    config = f'data="{spec}" partition-id={args.partition_id} num-partitions={args.num_partitions} device-profile="{device}"'
+    print(f"device profile: {profile.name}, {profile.memory_budget_mb:.0f} MB for the job", flush=True)
+    return config + (f" lora-rank={args.lora_rank}" if args.lora_rank else "")
 
 
 def run_supernode(args) -> int:
@@ -61,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="bbc, shakespeare, shakespeare:role, or this device's JSONL file / folder")
     parser.add_argument("--partition-id", type=int, default=0, help="with a shared dataset: which partition this device holds")
     parser.add_argument("--num-partitions", type=int, default=1, help="with a shared dataset: how many partitions there are")
+    parser.add_argument("--device-profile", default=profiles.LOCAL,
+                        help="this device's profile: a shipped name (configs/devices/), a .toml file, or 'local' (detect)")
+    parser.add_argument("--lora-rank", type=int, default=None, help="this device's LoRA rank (default: the server's lora-r)")
     parser.add_argument("--runtime-port", default="9094", help="local port for Flower's client runtime; give each client on one machine its own")
     parser.add_argument("--root-certificates", type=Path, default=None, help="CA certificate for a TLS server (default: insecure)")
     parser.add_argument("--connect-tries", type=int, default=10, help="tries (2 s apart) to reach the server before giving up")

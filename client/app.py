@@ -35,7 +35,8 @@ def client_data(node_config: dict, experiment: Experiment) -> ClientData:
 
 
 def client_device(node_config: dict, experiment: Experiment, client: ClientData) -> Device | None:
-    """The device this client runs on: --device-profile (real device), else its fleet slot, else None."""
+    """The device this client runs on: --device-profile (real device), else its fleet slot (simulation),
+    else this machine's detected profile; None for the plain pipeline."""
     if experiment.pipeline == "plain":
         return None
     rank = node_config.get("lora-rank")
@@ -43,7 +44,7 @@ def client_device(node_config: dict, experiment: Experiment, client: ClientData)
         return Device(resolve_profile(str(node_config["device-profile"])), int(rank) if rank else None)
     fleet = experiment.load_fleet()
     if fleet is None:
-        return None
+        return Device(resolve_profile("local"), int(rank) if rank else None)
     slot = fleet.client(client.partition_id)
     return Device(slot.device, slot.lora_rank)
 

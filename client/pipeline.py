@@ -21,6 +21,8 @@ from edgecore.data import Sample
 from edgecore.encoding import Encoder
 from edgecore.experiment import Experiment
 from edgecore.finetune import LoraSettings, add_lora, train
+from edgecore.memory import MIB
+from edgecore.tuning.adaptive import stored_weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,9 @@ def local_round(
     wire.load_adapter_arrays(model, global_arrays)
     encoder = Encoder(tokenizer, dataset, max_len=experiment.seq_len)
     settings = experiment.train_settings(server_round)
+    rss_before = measure.rss_mb()
     report = train(model, encoder, list(samples), settings, progress=False)
+    weights_mb = stored_weight_bytes(model) / MIB
     arrays = wire.adapter_arrays(model)
     metrics = {
         "num-examples": len(samples),
@@ -68,6 +72,9 @@ def local_round(
         "train-s": report.train_s,
         "round-s": time.perf_counter() - started,
         "peak-rss-mb": measure.peak_rss_mb(),
+        # The job: the dense weights plus what training added on top of the process as it was.
+        "job-peak-mb": weights_mb + max(0.0, report.peak_rss_mb - rss_before),
+        "weights-mb": weights_mb,
         "bytes-up": wire.nbytes(arrays),
         "bytes-down": wire.nbytes(global_arrays),
         "partition-id": client.partition_id,

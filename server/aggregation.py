@@ -280,6 +280,7 @@ class LayerLedger:
     # Keeps layers nobody rated yet in the running. Relative to the mean importance, so the
     # rule does not depend on the unit clients measure importance in.
     IMPORTANCE_FLOOR = 1e-3
+    EXIT_WEIGHT_FLOOR = 0.05  # share of the uniform weight an exit keeps in the window score
 
     def __init__(self, layers: int):
         if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or layers < 1:
@@ -328,8 +329,14 @@ class LayerLedger:
         floor = self.IMPORTANCE_FLOOR * self.importance.mean() if self.importance.any() else 1.0
         return self.importance + floor
 
-    def assign_windows(self, depths: Mapping[object, int], exits: Sequence[int]) -> dict[object, int]:
+    def assign_windows(
+        self, depths: Mapping[object, int], exits: Sequence[int], exit_weights: Sequence[float] | None = None
+    ) -> dict[object, int]:
         """The exit each client trains up to this round; its window is layers max(0, e-d+1)..e.
+
+        With the global `exit_weights` (the fleet's votes), each exit's score is multiplied by
+        its weight (floored at EXIT_WEIGHT_FLOOR of the uniform weight, so no exit is shut out
+        for good): windows go where the fleet's exits work, and coverage still rotates them.
 
         Clients are served deepest window first (deep windows go to the devices that can afford
         them; ties keep the order of `depths`). Each candidate exit e scores the sum over its
@@ -342,21 +349,30 @@ class LayerLedger:
         """
         exits = self._check_exits(exits)
         self._check_depths(depths)
+        weights = self._exit_weights(exits, exit_weights)
         values, planned = self._layer_values(), np.zeros(self.layers)
         chosen = {}
         for client in sorted(depths, key=lambda c: -depths[c]):  # stable: ties keep dict order
             depth = depths[client]
-            best = self._best_exit(exits, depth, values, planned)
+            best = self._best_exit(exits, depth, values, planned, weights)
             first, last = self.window(best, depth)
             planned[first : last + 1] += 1
             chosen[client] = best
         return {client: chosen[client] for client in depths}
 
-    def _best_exit(self, exits: list[int], depth: int, values: np.ndarray, planned: np.ndarray) -> int:
+    @classmethod
+    def _exit_weights(cls, exits: list[int], exit_weights: Sequence[float] | None) -> dict[int, float]:
+        if exit_weights is None:
+            return {e: 1.0 for e in exits}
+        vector = _nonnegative_vector(exit_weights, len(exits), "exit weights", "weight")
+        floor = cls.EXIT_WEIGHT_FLOOR / len(exits)
+        return {e: max(float(w), floor) for e, w in zip(exits, vector)}
+
+    def _best_exit(self, exits: list[int], depth: int, values: np.ndarray, planned: np.ndarray, weights: dict) -> int:
         def score(exit_layer: int) -> float:
             first, last = self.window(exit_layer, depth)
             span = slice(first, last + 1)
-            return float((values[span] / (1 + self.coverage[span] + planned[span])).sum())
+            return weights[exit_layer] * float((values[span] / (1 + self.coverage[span] + planned[span])).sum())
 
         best, best_score = exits[-1], score(exits[-1])
         for exit_layer in reversed(exits[:-1]):  # deepest first: a shallower exit must beat it clearly

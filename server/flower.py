@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -131,13 +132,18 @@ def run_status(run_id: int, connection: str, env: dict[str, str]) -> str:
 
 def await_completion(
     run_id: int, connection: str, env: dict[str, str], timeout_s: float,
-    on_poll: Callable[[], None] | None = None, poll_s: float = 2.0,
+    on_poll: Callable[[], None] | None = None, poll_s: float = 2.0, status_s: float = 10.0,
 ) -> str:
-    """Block until the run finishes; raise with its log unless it completed."""
+    """Block until the run finishes; raise with its log unless it completed.
+
+    on_poll runs every poll_s; the status is asked every status_s, because each `flwr ls`
+    starts a Python process that costs about a CPU-second, which a 2-core machine feels.
+    """
     deadline = time.monotonic() + timeout_s
-    status = "unknown"
+    status, asked = "unknown", -math.inf
     while time.monotonic() < deadline:
-        status = run_status(run_id, connection, env)
+        if time.monotonic() - asked >= status_s:
+            status, asked = run_status(run_id, connection, env), time.monotonic()
         if on_poll:
             on_poll()
         if status.startswith("finished"):

@@ -68,4 +68,12 @@ class RoundPrinter:
             metric = f"accuracy {r['test_accuracy']:.1%}" if "test_accuracy" in r else f"perplexity {r['test_perplexity']:.2f}"
             print(f"round {r['round']}: test {metric} (n={r['test_n']}), {len(r['clients'])} clients, "
                   f"{len(r['dropped'])} dropped, {r['round_s']:.1f} s, {r['bytes_up'] / 1e6:.2f} MB up", flush=True)
+            on_device = {d["device"]: d.get("accuracy") for d in r.get("devices", [])}
+            for c in r["clients"]:
+                if "budget-mb" not in c:
+                    continue
+                accuracy = on_device.get(c["device"])
+                print(f"  {c['device']:>22}: {'LUC' if c['compressed'] else 'dense'} {c['weights-mb']:.0f} MB, window "
+                      f"{c['window']} layers, rank {c['lora-rank']}, job peak {c['job-peak-mb']:.0f} of {c['budget-mb']:.0f} MB"
+                      + (f", global adapter on its base {accuracy:.1%}" if accuracy is not None else ""), flush=True)
         self.seen = len(lines)

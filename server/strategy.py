@@ -65,7 +65,7 @@ class FleetStrategy(FedAvg):
         messages = list(FedAvg.configure_train(self, server_round, arrays, config, grid))
         known = {m.metadata.dst_node_id: self.nodes[m.metadata.dst_node_id]["window"] for m in messages
                  if self.nodes.get(m.metadata.dst_node_id, {}).get("window")}
-        self.assigned = self.ledger.assign_windows(known, self.exits) if known and self.exits else {}
+        self.assigned = self.ledger.assign_windows(known, self.exits, self.exit_weights) if known and self.exits else {}
         self.round_assignments[server_round] = dict(self.assigned)
         return [self._train_message(m.metadata.dst_node_id, config, server_round) for m in messages]
 

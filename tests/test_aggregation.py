@@ -327,3 +327,16 @@ def test_rounds_spread_shallow_clients_over_every_exit():
 def test_ledger_rejects_bad_inputs(depths, exits):
     with pytest.raises(EdgecoreError):
         LayerLedger(8).assign_windows(depths, exits)
+
+
+def test_exit_weights_steer_windows_toward_the_exits_the_fleet_votes_for():
+    ledger = LayerLedger(30)
+    ledger.record_training(24, 29, 4)  # the last window is the most covered
+    exits = (7, 14, 22, 29)
+    assert ledger.assign_windows({"board": 3}, exits)["board"] != 29  # coverage alone moves it away
+    assert ledger.assign_windows({"board": 3}, exits, [0.0, 0.0, 0.05, 0.95])["board"] == 29
+    # An exit at weight 0 keeps a floor: once the voted exit is covered enough, coverage wins again.
+    ledger.record_training(27, 29, 10_000)
+    assert ledger.assign_windows({"board": 3}, exits, [0.0, 0.0, 0.0, 1.0])["board"] != 29
+    with pytest.raises(EdgecoreError, match="exit weights has shape"):
+        ledger.assign_windows({"board": 3}, exits, [1.0])

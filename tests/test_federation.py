@@ -107,7 +107,7 @@ def _overrides(values: dict) -> str:
 
 @needs_bbc
 def test_simulation_averages_client_updates_weighted_by_examples():
-    config = {**TINY, "partition": "dirichlet:0.5", "save-client-updates": True}
+    config = {**TINY, "partition": "dirichlet:0.5", "save-client-updates": True, "pipeline": "plain"}
     done = subprocess.run([sys.executable, "-m", "simulations.simulate", "--num-clients", "2", "-c", _overrides(config)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -173,6 +173,8 @@ def test_loopback_deployment_with_the_commands_a_user_types(tmp_path):
     assert outcome["status"] == "finished:completed"
     rounds = (Path(outcome["run_folder"]) / "rounds.jsonl").read_text().splitlines()
     assert len(rounds) == 2 and len(json.loads(rounds[1])["clients"]) == 2
+    # Real devices run the edge pipeline for their detected profile ("local"): this machine fits full depth.
+    assert all(c["window"] == 4 and c["budget-mb"] > 0 for c in json.loads(rounds[1])["clients"])
     assert "round 1: test accuracy" in out
     # Stopping the wrappers stops the SuperNodes they started (each in its own session).
     deadline = time.monotonic() + 20

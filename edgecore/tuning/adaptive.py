@@ -115,6 +115,10 @@ def tune(
     """Train windows at adaptively chosen exits (or every step at `assigned_exit`, when the
     server assigned one) for settings.steps steps, then vote on `validation`."""
     before = lora_factors(model)
+    if assigned_exit is None and exit_weights is None and validation:
+        # No global weights yet: this client's own votes, before training, stand in for them, so
+        # steps go to exits that can already read the task rather than to exits at chance.
+        exit_weights = exit_votes(exit_scores(model, exits, encoder, validation))
     if assigned_exit is None:
         chooser = ExitChooser(exits.layers, exit_weights, seed=settings.seed)
     else:
