@@ -67,6 +67,7 @@ def edge_round(
     dev = device_model(experiment, device.profile, device.lora_rank)
     _load_global(dev, global_arrays)
     encoder = Encoder(dev.tokenizer, dataset, max_len=experiment.seq_len)
+    measure.make_resident(dev.model)
     rss_before = measure.rss_mb()
     result = adaptive.tune(
         dev.model, dev.exits, dev.depth, encoder, list(samples), validation, experiment.train_settings(server_round),

@@ -60,6 +60,7 @@ def local_round(
     wire.load_adapter_arrays(model, global_arrays)
     encoder = Encoder(tokenizer, dataset, max_len=experiment.seq_len)
     settings = experiment.train_settings(server_round)
+    measure.make_resident(model)
     rss_before = measure.rss_mb()
     report = train(model, encoder, list(samples), settings, progress=False)
     weights_mb = stored_weight_bytes(model) / MIB

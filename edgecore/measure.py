@@ -43,6 +43,16 @@ def peak_rss_mb() -> float:
     return kb / 1024
 
 
+@torch.no_grad()
+def make_resident(model) -> None:
+    """Read every parameter and buffer once, so weights loaded lazily (memory-mapped
+    safetensors) are in RSS before a measurement starts: otherwise the first step pages them
+    in and a phase's peak counts the weights as if training had allocated them."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.numel() and tensor.device.type != "meta":
+            tensor.detach().reshape(-1)[:: max(1, 4096 // tensor.element_size())].sum()
+
+
 def reset_peak() -> bool:
     """Reset the peak to the current RSS; False where the OS cannot (the peak stays lifetime)."""
     try:

@@ -82,21 +82,38 @@ def exit_on_sigterm() -> None:
 
 
 def stop(process: subprocess.Popen | None, grace_s: float = 10) -> None:
-    """Stop a process we started (and its process group), by PID."""
-    if process is None or process.poll() is not None:
+    """Stop a process we started and its process group, by PID.
+
+    The group matters: a SuperLink's simulation runtime (and its Ray workers) can outlive the
+    SuperLink itself, so whatever is left of the group after the grace period gets SIGKILL.
+    """
+    if process is None:
         return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        process.terminate()
-    try:
-        process.wait(grace_s)
-    except subprocess.TimeoutExpired:
+    group = process.pid
+    if process.poll() is None:
         try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            os.killpg(group, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
             pass
+    deadline = time.monotonic() + grace_s
+    while _group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _group_alive(group):
+        os.killpg(group, signal.SIGKILL)
+    if process.poll() is None:
         process.wait(5)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def flwr(args: list[str], env: dict[str, str], timeout_s: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -12,8 +12,9 @@ Per round:
       them (partial_average), then the server optimizer (FedAvg / FedProx / FedAdam) steps;
       the votes become next round's global exit weights and the layer importance and the
       trained layers go into the ledger;
-  configure/aggregate_evaluate: every client scores the new global adapter on its own base
-      (compressed or dense), so the run folder shows what the adapter does on each device.
+  configure/aggregate_evaluate: every client with a compressed base scores the new global
+      adapter on it (the dense base is the server's own evaluation), so the run folder shows
+      what the adapter does on each device.
 Clients of the plain pipeline send every LoRA tensor at the global rank and no votes; they
 are averaged the same way, which is then exactly FedAvg.
 """
@@ -95,7 +96,7 @@ class FleetStrategy(FedAvg):
             accepted.append((update, metrics))
             clients.append({"node_id": node, "device": device, "assigned_exit": self.assigned.get(node), **metrics})
             self.nodes[node] = {"rank": int(metrics.get("lora-rank", 0)) or None, "window": int(metrics.get("window", 0)) or None,
-                                "device": device}
+                                "device": device, "compressed": bool(metrics.get("compressed", 0))}
             if self.keep_updates:
                 self.round_updates.setdefault(server_round, {})[node] = update
         self.round_clients[server_round] = clients
@@ -147,6 +148,11 @@ class FleetStrategy(FedAvg):
                     self.ledger.record_training(layer, layer, steps)
 
     # ------------------------------------------------------------------ evaluate
+
+    def configure_evaluate(self, server_round, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        """Only clients with a compressed base: a dense base is what the server evaluates itself."""
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        return [m for m in messages if self.nodes.get(m.metadata.dst_node_id, {}).get("compressed", True)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         results = []

@@ -103,6 +103,10 @@ def test_votes_and_importance_are_normalised():
     # With 4 classes, 0.25 is a guess: it gets no vote; 0.625 is half the room above chance.
     chance = exit_votes({1: {"loss": 2.0, "accuracy": 0.25, "chance": 0.25}, 3: {"loss": 1.0, "accuracy": 0.625, "chance": 0.25}})
     assert chance == pytest.approx([0.0, 1.0])
+    # On 16 samples, 31% against 25% chance is within a guesser's noise (one standard error, 10.8%).
+    noisy = exit_votes({1: {"loss": 2.0, "accuracy": 5 / 16, "chance": 0.25, "n": 16},
+                        3: {"loss": 1.0, "accuracy": 0.625, "chance": 0.25, "n": 16}})
+    assert noisy == pytest.approx([0.0, 1.0])
     lm_votes = exit_votes({1: {"loss": 2.0}, 3: {"loss": 1.0}})
     assert lm_votes[1] / lm_votes[0] == pytest.approx(math.e)
     zero = [(torch.zeros(3, 2), torch.zeros(2, 4))]

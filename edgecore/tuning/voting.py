@@ -59,16 +59,23 @@ def exit_scores(model, exits: Exits, encoder: Encoder, samples: Sequence[Sample]
         if encoder.choice_token_ids:
             scores[e]["accuracy"] = total["correct"] / len(samples)
             scores[e]["chance"] = 1 / len(encoder.choice_token_ids)
+            scores[e]["n"] = len(samples)
     return scores
 
 
 def exit_quality(score: dict) -> float:
     """Accuracy above chance, as a fraction of the room above chance (an exit that guesses gets 0);
-    exp(-loss) without classes."""
+    exp(-loss) without classes.
+
+    With the sample count `n`, the margin over chance must also exceed one standard error of a
+    guesser's accuracy, sqrt(c(1-c)/n): on 16 validation articles a guessing exit scores 31%
+    against 20% chance now and then, and would otherwise win a fifth of the vote.
+    """
     if "accuracy" not in score:
         return math.exp(-min(score["loss"], 50.0))
     chance = score.get("chance", 0.0)
-    return max(0.0, score["accuracy"] - chance) / (1 - chance)
+    noise = math.sqrt(chance * (1 - chance) / score["n"]) if score.get("n") else 0.0
+    return max(0.0, score["accuracy"] - chance - noise) / (1 - chance)
 
 
 def exit_votes(scores: dict[int, dict]) -> list[float]:
