@@ -29,11 +29,11 @@ demo: $(STAMP)
 demo-local: $(STAMP)
 	$(PY) -m edgecore finetune --model smollm2-135m --data bbc --steps 30 --eval-samples 160
 
-# A project-local FLWR_HOME whose `local` connection simulates 4 SuperNodes, for bare `flwr run .`.
+# A project-local FLWR_HOME whose `local` connection simulates 3 SuperNodes (the demo fleet), for bare `flwr run .`.
 flwr-home: .flwr/home/config.toml
 .flwr/home/config.toml:
 	mkdir -p .flwr/home
-	printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 4\noptions.backend.client-resources.num-cpus = 2\n' > $@
+	printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 3\noptions.backend.client-resources.num-cpus = 2\n' > $@
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -54,7 +54,7 @@ class Experiment:
     vote_samples: int = 16  # validation samples each client votes on
     device_eval_samples: int = 20  # test samples each client evaluates the global adapter on, on its own base
     luc_grid: str = "quick"  # compression candidates: "quick" (0/50% sparsity x 4/8 bits) or "full" (the profile's)
-    calib_samples: int = 4  # LUC calibration sequences per client
+    calib_samples: int = 2  # LUC calibration sequences per client (more: better policies, slower first round)
 
     def __post_init__(self):
         self.lora()  # validates the LoRA fields

@@ -114,6 +114,15 @@ def test_votes_and_importance_are_normalised():
     assert layer_importance({0: zero, 1: zero}, {0: moved, 1: zero}, 3) == [1.0, 0.0, 0.0]
 
 
+def test_the_bar_is_the_majority_label_when_it_beats_uniform_guessing():
+    from edgecore.data import Sample
+    from edgecore.tuning.voting import guess_rate
+
+    skewed = [Sample("p", "sport", "g")] * 3 + [Sample("p", "tech", "g")]
+    assert guess_rate(skewed, 5) == 0.75
+    assert guess_rate([Sample("p", c, "g") for c in "abcde"], 5) == 0.2
+
+
 def test_delta_distance_equals_the_dense_norm():
     g = torch.Generator().manual_seed(0)
     before = [(torch.randn(5, 2, generator=g), torch.randn(2, 7, generator=g)) for _ in range(2)]
