@@ -87,13 +87,18 @@ def test_a_two_profile_fleet_trains_with_both_kinds_of_client_within_budget(tmp_
         assert small["compressed"] == 1 and big["compressed"] == 0
         assert small["window"] < big["window"] == 6 and small["lora-rank"] == 2
         assert all(c["job-peak-mb"] <= c["budget-mb"] for c in r["clients"])
-        assert {d["device"] for d in r["devices"]} == {"tiny-board", "tiny-laptop"}
+        assert {d["device"] for d in r["devices"]} == {"tiny-board"}  # the dense base is the server's evaluation
         # The board sent only its window's tensors, at its rank.
         update = load_file(run / "checkpoints" / f"round-{r['round']}" / "clients" / f"node-{small['node_id']}.safetensors")
         layers = {wire.layer_of(k) for k in update if not k.startswith(wire.EXIT_PREFIX)}
-        assert len(layers) <= small["window"] and all(v.shape[wire.rank_axis(k)] == 2 for k, v in update.items())
+        trained = [e for e, n in zip(small["exits"], small["exit-steps"]) if n]
+        windows = {l for e in trained for l in range(max(0, e - small["window"] + 1), e + 1)}
+        assert layers <= windows and all(v.shape[wire.rank_axis(k)] == 2 for k, v in update.items())
+        if small["assigned_exit"] is not None:  # from round 2: one window, the one the server assigned
+            assert trained == [small["assigned_exit"]] and len(layers) <= small["window"]
     assert not rounds[1]["assigned_exits"] and len(rounds[2]["assigned_exits"]) == 2  # once the windows are known
     assert len(rounds[1]["exit_weights"]) == 4 and sum(rounds[1]["exit_weights"]) == pytest.approx(1.0)
     summary = json.loads((run / "summary.json").read_text())
     assert all(row["within"] for row in summary["clients_within_budget"].values())
-    assert set(summary["device_accuracy_per_round"]) == {"tiny-board", "tiny-laptop"}
+    assert set(summary["device_accuracy_per_round"]) == {"tiny-board"}
+    assert set(summary["clients_within_budget"]) == {"tiny-board", "tiny-laptop"}
