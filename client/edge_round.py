@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from client.device import device_model
-from client.pipeline import ClientData, partition_of
+from client.pipeline import ClientData, partition_of, round_metrics
 from edgecore import data, measure, wire
 from edgecore.encoding import Encoder
 from edgecore.evaluate import evaluate
@@ -77,20 +77,10 @@ def edge_round(
     trained_exits = {record["exit"] for record in result.history}
     arrays = {k: v for k, v in wire.adapter_arrays(dev.model).items() if wire.layer_of(k) in trained_layers}
     arrays.update({k: v for k, v in wire.exit_arrays(dev.exits).items() if wire.layer_of(k) in trained_exits})
-    report = result.report
     metrics = {
-        "num-examples": len(samples),
-        "train-loss": report.final_loss,
-        "first-loss": report.steps[0].loss,
-        "step-s": report.mean_step_s,
-        "train-s": report.train_s,
-        "round-s": time.perf_counter() - started,
-        # The job: the stored base plus what training added on top of the process as it was.
-        "job-peak-mb": dev.weights_mb + max(0.0, report.peak_rss_mb - rss_before),
+        **round_metrics(result.report, len(samples), started, dev.weights_mb, rss_before, arrays, global_arrays, client),
         "estimate-mb": dev.depth.estimate_mb,
         "budget-mb": device.profile.memory_budget_mb,
-        "weights-mb": dev.weights_mb,
-        "process-peak-rss-mb": report.peak_rss_mb,
         "compressed": int(dev.compressed),
         "prepare-s": dev.prepare_s,
         "lora-rank": dev.lora.r,
@@ -100,9 +90,6 @@ def edge_round(
         "votes": list(result.votes),
         "importance": list(result.importance),
         "layer-steps": list(result.layer_steps),
-        "bytes-up": wire.nbytes(arrays),
-        "bytes-down": wire.nbytes(global_arrays),
-        "partition-id": client.partition_id,
     }
     log.info("round %d partition %d on %s: window %d at exits %s, loss %.3f -> %.3f, job %.0f of %.0f MB",
              server_round, client.partition_id, device.profile.name, dev.depth.layers, sorted(trained_exits),

@@ -50,6 +50,27 @@ def _model(name: str, lora: LoraSettings, seed: int):
     return add_lora(model, lora), tokenizer
 
 
+def round_metrics(report, examples: int, started: float, weights_mb: float, rss_before: float,
+                  arrays: dict, global_arrays: dict, client: ClientData) -> dict:
+    """What every client round reports, plain or edge."""
+    return {
+        "num-examples": examples,
+        "train-loss": report.final_loss,
+        "first-loss": report.steps[0].loss,
+        "step-s": report.mean_step_s,
+        "train-s": report.train_s,
+        "round-s": time.perf_counter() - started,
+        "peak-rss-mb": report.peak_rss_mb,
+        # The job: the stored base plus what training added on top of the process as it was.
+        "job-peak-mb": weights_mb + max(0.0, report.peak_rss_mb - rss_before),
+        "weights-mb": weights_mb,
+        "bytes-up": wire.nbytes(arrays),
+        "bytes-down": wire.nbytes(global_arrays),
+        "partition-id": client.partition_id,
+        "torch-threads": torch.get_num_threads(),
+    }
+
+
 def local_round(
     experiment: Experiment, client: ClientData, global_arrays: dict[str, np.ndarray], server_round: int
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -65,22 +86,7 @@ def local_round(
     report = train(model, encoder, list(samples), settings, progress=False)
     weights_mb = stored_weight_bytes(model) / MIB
     arrays = wire.adapter_arrays(model)
-    metrics = {
-        "num-examples": len(samples),
-        "train-loss": report.final_loss,
-        "first-loss": report.steps[0].loss,
-        "step-s": report.mean_step_s,
-        "train-s": report.train_s,
-        "round-s": time.perf_counter() - started,
-        "peak-rss-mb": measure.peak_rss_mb(),
-        # The job: the dense weights plus what training added on top of the process as it was.
-        "job-peak-mb": weights_mb + max(0.0, report.peak_rss_mb - rss_before),
-        "weights-mb": weights_mb,
-        "bytes-up": wire.nbytes(arrays),
-        "bytes-down": wire.nbytes(global_arrays),
-        "partition-id": client.partition_id,
-        "torch-threads": torch.get_num_threads(),
-    }
+    metrics = round_metrics(report, len(samples), started, weights_mb, rss_before, arrays, global_arrays, client)
     log.info("round %d partition %d: loss %.3f -> %.3f in %.1f s", server_round, client.partition_id,
              metrics["first-loss"], metrics["train-loss"], metrics["round-s"])
     return arrays, metrics

@@ -55,7 +55,7 @@ def _run(name: str, experiment: Experiment, clients: int) -> dict:
 
 def _client(c: dict) -> dict:
     keys = ("round", "device", "partition-id", "job-peak-mb", "budget-mb", "estimate-mb", "weights-mb", "window",
-            "lora-rank", "compressed", "step-s", "bytes-up", "process-peak-rss-mb", "assigned_exit")
+            "lora-rank", "compressed", "step-s", "bytes-up", "peak-rss-mb", "assigned_exit")
     return {k.replace("-", "_"): c.get(k) for k in keys if k in c}
 
 
