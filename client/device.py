@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+from client.pipeline import HEAP_THRESHOLD_BYTES
 from edgecore import models
 from edgecore.experiment import Experiment
 from edgecore.finetune import LoraSettings, TrainSettings, add_lora, resolve_precision
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 # Plans fill at most this share of the budget: measured peaks exceeded the estimator's figure by
 # up to 15-22% (the tuning benchmark), and a device that runs out of memory loses the round.
 PLANNING_SHARE = 0.85
-HEAP_THRESHOLD_BYTES = 1 << 20
 QUICK_SPARSITY, QUICK_BITS = (0.0, 0.5), (4, 8)  # luc-grid "quick": 4 candidates, about a minute for SmolLM2
 
 
@@ -71,10 +71,6 @@ def device_model(experiment: Experiment, profile: DeviceProfile, rank: int | Non
 @lru_cache(maxsize=3)
 def _cached(model_name, data_spec, profile, lora, step: tuple, exits_spec, grid, calib_samples, seed) -> DeviceModel:
     started = time.perf_counter()
-    # Freed activations (blocks over 1 MiB) go back to the OS, so the measured peak is the job's
-    # own and the estimator's "returning" allocator applies. Measured for SmolLM2, full-depth
-    # LoRA at batch 4 x 128 against an estimate of 773 MB: glibc's default 1296 MB at 2.78 s a
-    # step; 1 MiB 854 MB at 3.66 s; 64 KiB 741 MB at 4.88 s.
     batch_size, seq_len, precision = step
     settings = TrainSettings(batch_size=batch_size, seq_len=seq_len, precision=precision)
     shape = ModelShape.from_name(model_name)
@@ -89,7 +85,7 @@ def _cached(model_name, data_spec, profile, lora, step: tuple, exits_spec, grid,
     else:
         base, tokenizer, policy = _compress(model_name, data_spec, planning, plan, shape, grid, calib_samples, seed)
         compressed = True
-    limit_heap_fragmentation(HEAP_THRESHOLD_BYTES)  # after compression, which it would slow down
+    limit_heap_fragmentation(HEAP_THRESHOLD_BYTES)  # after compression, which it would slow down (see client.pipeline)
     model = add_lora(base, lora)
     exits, depth = adaptive.prepare(model, adaptive.AdaptiveSettings(exits=exits_spec, exit_rank=lora.r,
                                                                      budget_mb=planning.memory_budget_mb), settings, lora)
