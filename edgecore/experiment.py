@@ -52,8 +52,8 @@ class Experiment:
     server_lr: float = 0.01  # fedadam: the server's learning rate
     exits: str = "quarters"  # early exits: "quarters", a count, or layer indices "7,14,22,29"
     vote_samples: int = 16  # validation samples each client votes on
-    device_eval_samples: int = 20  # test samples each client evaluates the global adapter on, on its own base
-    luc_grid: str = "quick"  # compression candidates: "quick" (0/50% sparsity x 4/8 bits) or "full" (the profile's)
+    device_eval_samples: int = 16  # test samples each client evaluates the global adapter on, on its own base
+    luc_grid: str = "quick"  # compression candidates: "quick" (8 or 4 bits, or 50% pruned at 4 bits) or "full" (the profile's)
     calib_samples: int = 2  # LUC calibration sequences per client (more: better policies, slower first round)
 
     def __post_init__(self):
