@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The federated simulation of the default experiment: SmolLM2-135M, BBC News, 4 clients.
+# The federated simulation of the default experiment: SmolLM2-135M, BBC News, the 3-device demo fleet.
 demo: $(STAMP)
 	$(PY) -m simulations.simulate --num-clients 3
 
