@@ -49,8 +49,16 @@ def _run(name: str, experiment: Experiment, clients: int) -> dict:
         "dropped": sum(len(r["dropped"]) for r in rounds),
         "clients": [_client(c) for r in rounds[1:] for c in [{"round": r["round"], **c} for c in r["clients"]]],
         "device_accuracy_per_round": summary.get("device_accuracy_per_round", {}),
-        "run_folder": str(folder),
+        "run_folder": _relative(folder),
     }
+
+
+def _relative(folder: Path) -> str:
+    """The run folder as the project sees it (results files must not name this machine's paths)."""
+    try:
+        return str(folder.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return folder.name
 
 
 def _client(c: dict) -> dict:
