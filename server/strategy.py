@@ -63,7 +63,7 @@ class FleetStrategy(FedAvg):
 
     def configure_train(self, server_round, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         self.global_arrays = from_record(arrays)
-        messages = list(FedAvg.configure_train(self, server_round, arrays, config, grid))
+        messages = list(super().configure_train(server_round, arrays, config, grid))
         known = {m.metadata.dst_node_id: self.nodes[m.metadata.dst_node_id]["window"] for m in messages
                  if self.nodes.get(m.metadata.dst_node_id, {}).get("window")}
         self.assigned = self.ledger.assign_windows(known, self.exits, self.exit_weights) if known and self.exits else {}
