@@ -39,12 +39,12 @@ def client_device(node_config: dict, experiment: Experiment, client: ClientData)
     else this machine's detected profile; None for the plain pipeline."""
     if experiment.pipeline == "plain":
         return None
-    rank = node_config.get("lora-rank")
+    rank = int(node_config["lora-rank"]) if node_config.get("lora-rank") else None
     if "device-profile" in node_config:
-        return Device(resolve_profile(str(node_config["device-profile"])), int(rank) if rank else None)
+        return Device(resolve_profile(str(node_config["device-profile"])), rank)
     fleet = experiment.load_fleet()
     if fleet is None:
-        return Device(resolve_profile("local"), int(rank) if rank else None)
+        return Device(resolve_profile("local"), rank)
     slot = fleet.client(client.partition_id)
     return Device(slot.device, slot.lora_rank)
 

@@ -52,7 +52,7 @@ class Assignment:
 
 @lru_cache(maxsize=4)
 def _validation(client: ClientData, seed: int) -> tuple[data.Sample, ...]:
-    dataset = data.load(client.spec, seed=seed)
+    dataset, _ = partition_of(client, seed)  # the dataset already loaded for training
     return tuple(data.share(dataset.validation, client.num_partitions, client.partition_id, client.scheme, seed=seed))
 
 
