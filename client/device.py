@@ -36,10 +36,6 @@ log = logging.getLogger(__name__)
 # Plans fill at most this share of the budget: measured peaks exceeded the estimator's figure by
 # up to 15-22% (the tuning benchmark), and a device that runs out of memory loses the round.
 PLANNING_SHARE = 0.85
-# luc-grid "quick": 8 or 4 bits unpruned, or half pruned at 4 bits (the pi-zero-2w profile's
-# first compression of SmolLM2 took 108 s with 4 candidates, 50%/8b included, which cost as
-# much to measure and was never cheaper than 0%/4b).
-QUICK = {(0.0, 8), (0.0, 4), (0.5, 4)}
 
 
 @dataclass
@@ -101,13 +97,10 @@ def _cached(model_name, data_spec, profile, lora, step: tuple, exits_spec, grid,
 
 def _compress(model_name, data_spec, profile, plan, shape, grid, calib_samples, seed):
     from edgecore.luc.compress import weight_budget_bytes
-    from edgecore.luc.pipeline import compress, default_cache, profile_candidates
+    from edgecore.luc.pipeline import compress, default_cache, grid_candidates
 
     one_layer = replace(plan, window=(shape.layers - 1, shape.layers - 1), packed_weights=True)
-    candidates = profile_candidates(profile)
-    if grid == "quick":
-        quick = [c for c in candidates if c.pattern == "unstructured" and (c.sparsity, c.bits) in QUICK]
-        candidates = quick or candidates
+    candidates = grid_candidates(profile, grid)
     result = compress(model_name, profile, data_spec, weight_budget=weight_budget_bytes(profile, shape, one_layer),
                       calib_samples=calib_samples, cache=default_cache(), seed=seed, progress=False, candidates=candidates)
     policy = result.policy

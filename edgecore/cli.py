@@ -273,12 +273,46 @@ def _compress(args) -> None:
         print(f"json: {args.json}")
 
 
+def _schedule_parser(sub) -> None:
+    p = sub.add_parser(
+        "schedule",
+        help="scheduled execution: per-layer kernels for a compressed model on a device, and what they cost",
+        description="Plan how a LUC-compressed model runs on a device: for every layer, the kernel "
+        "(LUC's rebuild-per-call, an unpacked weight kept, torch's int8 / int4 weight-only matmul, CSR "
+        "sparse) that the measured cost table says is fastest for the workload, within the device's "
+        "memory budget; layers stream from disk when even the compressed weights do not fit. Prints "
+        "the plan with predicted time and memory per layer. Kernel timings are measured on this "
+        "machine once and cached per device profile.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m", help="a compressed model folder (python -m edgecore compress), or a model name to compress for the device first")
+    p.add_argument("--device", required=True, help="device profile: a shipped name (e.g. pi-zero-2w), a TOML file, or 'local'")
+    p.add_argument("--workload", choices=("train", "forward", "decode"), default="train", help="a window training step, a batched forward, or greedy decoding at batch 1")
+    p.add_argument("--batch", type=int, default=4, help="train / forward: sequences per batch")
+    p.add_argument("--seq-len", type=int, default=128, help="train / forward: tokens per sequence; decode: prompt tokens")
+    p.add_argument("--window", type=int, default=None, help="train: layers in the window (default: the deepest that fits the budget)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated")
+    p.add_argument("--budget-mb", type=float, default=None, help="memory budget in MiB (default: the profile's)")
+    p.add_argument("--data", default="bbc", help="calibration data when the model is compressed here")
+    p.add_argument("--luc-grid", choices=("quick", "full"), default="quick", help="LUC candidates when the model is compressed here")
+    p.add_argument("--costs", type=Path, default=None, help="a cost table JSON (e.g. measured on the device itself); default: this machine's cache for the profile")
+    p.add_argument("--json", type=Path, default=None, help="also write the plan to this JSON file")
+    p.set_defaults(handler=_schedule)
+
+
+def _schedule(args) -> None:
+    from edgecore.schedule import cli as schedule_cli
+
+    schedule_cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edgecore", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _finetune_parser(sub)
     _compress_parser(sub)
+    _schedule_parser(sub)
     return parser
 
 

@@ -7,11 +7,17 @@ exit. `DecoderRun` prepares what every layer takes (token embeddings, the causal
 cos/sin) once per batch, the way the decoder's own forward does, and then runs any range of
 layers on demand. Run over all layers it reproduces the decoder's hidden states exactly (the
 tests check it).
+
+Layers run with grad=False are inference for that step: their dropout modules run in eval
+mode, so LoRA dropout (the only train/eval difference in these layers) is not applied to
+adapters that do not train. There it would only add noise to the window's input, and it cost
+a quarter of a window step (SmolLM2, LUC 8-bit, batch 8 x 128: 0.83 of 3.2 s drawing masks).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from edgecore import lm
@@ -45,11 +51,19 @@ class DecoderRun:
         """
         if not self.done <= last < len(self.layers):
             raise ValueError(f"cannot run to layer {last}: {self.done} layers already ran, the model has {len(self.layers)}")
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        grad = grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
             for index in range(self.done, last + 1):
-                out = self.layers[index](
-                    self.hidden, attention_mask=self.mask, position_embeddings=self.rope, position_ids=self.position_ids
-                )
+                layer = self.layers[index]
+                dropouts = [] if grad else [m for m in layer.modules() if isinstance(m, nn.Dropout) and m.training]
+                for module in dropouts:
+                    module.eval()
+                try:
+                    out = layer(self.hidden, attention_mask=self.mask, position_embeddings=self.rope,
+                                position_ids=self.position_ids)
+                finally:
+                    for module in dropouts:
+                        module.train()
                 self.hidden = out[0] if isinstance(out, tuple) else out
         self.done = last + 1
         return self.hidden
