@@ -50,6 +50,8 @@ class DeviceModel:
     compressed: bool
     prepare_s: float
     policy: dict  # what LUC chose ("" entries when dense)
+    schedule: dict | None = None  # the execution plan's summary (compressed bases run through edgecore.schedule)
+    executor: object | None = None  # the installed edgecore.schedule.Executor
 
 
 def client_lora(experiment: Experiment, rank: int | None) -> LoraSettings:
@@ -88,11 +90,48 @@ def _cached(model_name, data_spec, profile, lora, step: tuple, exits_spec, grid,
     model = add_lora(base, lora)
     exits, depth = adaptive.prepare(model, adaptive.AdaptiveSettings(exits=exits_spec, exit_rank=lora.r,
                                                                      budget_mb=planning.memory_budget_mb), settings, lora)
-    weights_mb = adaptive.stored_weight_bytes(model) / MIB
+    schedule = executor = None
+    if compressed:
+        step_plan = replace(plan, weight_bytes=adaptive.stored_weight_bytes(model), packed_weights=True)
+        schedule, executor = _schedule(model, model_name, exits, depth, profile, planning.memory_budget_mb, step_plan)
+    # What the weights hold in memory: the stored buffers still resident plus the kernels' own copies.
+    weights_mb = (adaptive.stored_weight_bytes(model) + (executor.state_bytes if executor else 0)) / MIB
     log.info("device %s: %s base, %.0f MB stored, window %d layers (estimate %.0f of %.0f MB)", profile.name,
              "LUC-compressed" if compressed else "dense", weights_mb, depth.layers, depth.estimate_mb, profile.memory_budget_mb)
     return DeviceModel(profile, model, tokenizer, exits, depth, lora, weights_mb, compressed,
-                       time.perf_counter() - started, policy)
+                       time.perf_counter() - started, policy, schedule, executor)
+
+
+def _schedule(model, model_name, exits, depth, profile, budget_mb, step_plan):
+    """Install the execution plan for this device's training steps (and evaluation, which reuses the
+    no-grad kernels): (its summary, the executor), or (None, None) and LUC's own forward if no plan fits.
+
+    The budget is the planning budget, or the plan of LUC's own kernels if the scheduler's finer
+    accounting prices that a little higher: scheduling never asks for more than LUC ran with.
+    """
+    from edgecore.errors import EdgecoreError
+    from edgecore.schedule.costs import CostTable
+    from edgecore.schedule.executor import Executor
+    from edgecore.schedule.planner import plan
+    from edgecore.schedule.workload import Workload
+
+    workload = Workload.train(step_plan.batch, step_plan.seq_len, depth.layers, exits=tuple(exits.layers))
+    costs = CostTable.for_profile(profile.name)
+    key = f"{model_name}/lora-r{step_plan.lora_r}-{'.'.join(step_plan.lora_targets)}"
+    window_free = replace(step_plan, window=None)
+    try:
+        luc_only = plan(model, workload, costs, model_key=key, exits=exits, step_plan=window_free, allowed={"luc-dequant"})
+        budget = max(int(budget_mb * MIB), luc_only.peak_bytes)
+        chosen = plan(model, workload, costs, budget_bytes=budget, model_key=key, exits=exits, step_plan=window_free)
+    except EdgecoreError as err:
+        log.warning("device %s: no execution plan (%s); LUC's own kernels run", profile.name, err)
+        return None, None
+    executor = Executor(model, chosen).install()
+    log.info("device %s: scheduled %s: predicted %.2f s per step (LUC's own %.2f s), peak %.0f of %.0f MB; kernels %s; "
+             "%.0f s measuring costs", profile.name, workload.label, chosen.predicted_seconds, luc_only.predicted_seconds,
+             chosen.peak_bytes / MIB, budget / MIB, chosen.kernel_counts(), costs.seconds_measuring)
+    return {**chosen.summary(), "luc_predicted_s": luc_only.predicted_seconds}, executor
+
 
 
 def _compress(model_name, data_spec, profile, plan, shape, grid, calib_samples, seed):

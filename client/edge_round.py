@@ -82,6 +82,8 @@ def edge_round(
         "estimate-mb": dev.depth.estimate_mb,
         "budget-mb": device.profile.memory_budget_mb,
         "compressed": int(dev.compressed),
+        "scheduled": int(dev.executor is not None),  # the base runs through edgecore.schedule's kernels
+        "predicted-step-s": (dev.schedule or {}).get("predicted_s", 0.0),
         "prepare-s": dev.prepare_s,
         "lora-rank": dev.lora.r,
         "window": dev.depth.layers,

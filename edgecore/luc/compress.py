@@ -300,8 +300,14 @@ def is_compressed_folder(path: Path | str) -> bool:
     return (Path(path) / POLICY_FILE).is_file()
 
 
-def load_compressed(folder: Path | str):
-    """(model, tokenizer, policy) from a folder written by `save_compressed`, without recompressing."""
+def load_compressed(folder: Path | str, owned: bool = False):
+    """(model, tokenizer, policy) from a folder written by `save_compressed`, without recompressing.
+
+    The weights are mapped from the file (pages are read as they are touched). With owned=True
+    they are copied into memory of their own instead: freeing one of them (a layer the scheduler
+    streams or parks on disk) then gives its memory back, which one shared mapping would not.
+    """
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -319,7 +325,11 @@ def load_compressed(folder: Path | str):
             _set_module(layer, name, empty)
     if policy.embedding_bits != EMBEDDING_DENSE:
         empty_embeddings(model, policy.embedding_bits, policy.group_size, tied=bool(config.tie_word_embeddings))
-    state = load_file(str(folder / WEIGHTS_FILE))
+    if owned:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as file:
+            state = {key: file.get_tensor(key).clone() for key in file.keys()}
+    else:
+        state = load_file(str(folder / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied_head = policy.embedding_bits == EMBEDDING_DENSE and config.tie_word_embeddings
     if tied_head:

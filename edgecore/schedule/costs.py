@@ -69,6 +69,9 @@ def synthetic_source(fmt: WeightFormat) -> WeightSource:
         return source_of(QuantizedHead(QuantizedTable.from_weight(weight, fmt.bits, fmt.group_size)))
     linear = nn.Linear(fmt.in_features, fmt.out_features, bias=fmt.bias)
     linear.weight.data = weight
+    if not fmt.luc:
+        linear.to({None: torch.float32, 16: torch.bfloat16}[fmt.bits])
+        return source_of(linear)
     keep = None
     if fmt.sparse:
         per_row = max(1, fmt.kept // fmt.out_features)  # LUC's masks keep the same count in every row

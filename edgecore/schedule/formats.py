@@ -33,6 +33,7 @@ class WeightFormat:
     group_size: int = 64
     table: bool = False  # an LM head over a packed vocabulary table (LUC's default runs it in row blocks)
     bias: bool = False
+    luc: bool = True  # stored by LUC (False: a plain nn.Linear of a dense model)
 
     @property
     def numel(self) -> int:
@@ -55,7 +56,7 @@ class WeightFormat:
     def key(self) -> str:
         """Identifies the format in a cost table: shape, storage, kept count and group size."""
         return (f"{self.out_features}x{self.in_features}/{bits_label(self.bits)}/kept{self.kept}/g{self.group_size}"
-                f"{'/table' if self.table else ''}{'/bias' if self.bias else ''}")
+                f"{'/table' if self.table else ''}{'/bias' if self.bias else ''}{'' if self.luc else '/nn.Linear'}")
 
 
 class WeightSource:
@@ -138,7 +139,7 @@ class DenseSource(WeightSource):
     def __init__(self, module: nn.Linear):
         bits = {torch.float32: None, torch.float16: 16, torch.bfloat16: 16}.get(module.weight.dtype)
         super().__init__(module, WeightFormat(module.out_features, module.in_features, bits, module.weight.numel(),
-                                              bias=module.bias is not None))
+                                              bias=module.bias is not None, luc=False))
 
     def dense(self, dtype=torch.float32):
         return self.module.weight.detach().to(dtype)

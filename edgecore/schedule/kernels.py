@@ -113,7 +113,7 @@ class Unpacked(Kernel):
     description = "unpacked ahead of time, fp32 weight kept"
 
     def applies(self, fmt):
-        return fmt.quantized or fmt.sparse or fmt.bits == 16
+        return fmt.luc and (fmt.quantized or fmt.sparse or fmt.bits == 16)
 
     def extra_bytes(self, fmt):
         return fmt.numel * FP32
@@ -129,7 +129,8 @@ class Int8WeightOnly(Kernel):
     """torch's int8 weight-only matmul (`aten._weight_int8pack_mm`) on bf16 activations.
 
     Its weight is symmetric per output channel, so LUC's group-wise codes are re-quantized once
-    (one more rounding, bounded by the tolerance); only for weights LUC already quantized.
+    (one more rounding, bounded by the tolerance); only for weights LUC already stores in fewer
+    bits than fp32 (group codes or fp16), never for a weight a dense model keeps.
     """
 
     name = "int8-weight-only"
@@ -137,7 +138,7 @@ class Int8WeightOnly(Kernel):
     description = "per-channel int8 weight, torch's weight-only kernel, bf16 activations"
 
     def applies(self, fmt):
-        return fmt.quantized and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        return (fmt.quantized or (fmt.bits == 16 and fmt.luc)) and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
     def extra_bytes(self, fmt):
         return fmt.numel + fmt.out_features * BF16

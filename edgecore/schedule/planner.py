@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from edgecore.errors import EdgecoreError
 from edgecore.luc.layer import CompressedLinear
 from edgecore.memory import FP32, MIB, ModelShape, StepPlan, estimate_step
-from edgecore.schedule.costs import CostTable, scheduled_modules
+from edgecore.schedule.costs import CostTable, scheduled_modules, synthetic_source
 from edgecore.schedule.formats import WeightFormat, source_of
 from edgecore.schedule.kernels import BASELINE, KERNELS, kernels_for
 from edgecore.schedule.workload import INFER, TRAIN, Workload
@@ -243,6 +243,7 @@ def plan(model, workload: Workload, costs: CostTable, *, budget_bytes: int | Non
         choices.append(Choice(name, layer, fmt, options, stored_bytes=stored, parkable=isinstance(module, CompressedLinear)))
     result = Plan(workload, budget_bytes, stored_nbytes(model), workload_bytes(model, workload, step_plan),
                   costs.rest_seconds(model, workload, model_key, exits), choices)
+    synthetic_source.cache_clear()  # the random weights kernels were timed on
     if budget_bytes is not None:
         _fit(result, layers, costs)
     costs.save()
@@ -250,38 +251,54 @@ def plan(model, workload: Workload, costs: CostTable, *, budget_bytes: int | Non
 
 
 def _fit(result: Plan, layers: int, costs: CostTable) -> None:
-    """Give back memory, cheapest seconds per byte first; then stream frozen layers; else refuse."""
+    """Give back memory until the plan fits, the fewest seconds lost per byte freed first; else refuse.
+
+    A move is one weight going to a leaner option, or one frozen layer (one the workload never
+    trains) going to disk: its weights then run LUC's kernel on buffers read back at every run.
+    """
+    frozen = [i for i in range(layers) if result.workload.layer_roles(i, layers) == {INFER}]
     while not result.fits:
         best, best_ratio = None, None
         for choice in result.choices:
+            if choice.streamed:
+                continue
             now = choice.option
             for index, option in enumerate(choice.options):
                 freed = choice.held_bytes(now) - choice.held_bytes(option)
-                if freed <= 0:
-                    continue
-                ratio = (max(option.seconds - now.seconds, 0.0) + 1e-3 * max(option.call_seconds - now.call_seconds, 0.0)) / freed
-                if best_ratio is None or ratio < best_ratio:
-                    best, best_ratio = (choice, index), ratio
+                if freed > 0:
+                    lost = max(option.seconds - now.seconds, 0.0) + 1e-3 * max(option.call_seconds - now.call_seconds, 0.0)
+                    if best_ratio is None or lost / freed < best_ratio:
+                        best, best_ratio = (choice, index), lost / freed
+        if result.stream_seconds_per_byte == 0.0 and frozen:
+            result.stream_seconds_per_byte = costs.stream_seconds_per_byte()
+        for layer in frozen:
+            weights = [c for c in result.choices if c.layer == layer]
+            if not weights or weights[0].streamed:
+                continue
+            freed = sum(c.stored_bytes + c.held_bytes(c.option) for c in weights)
+            lost = sum(_baseline(c).seconds - c.option.seconds for c in weights)
+            lost += result.stream_seconds_per_byte * sum(c.stored_bytes * result._runs(c) for c in weights)
+            if freed > 0 and (best_ratio is None or max(lost, 0.0) / freed < best_ratio):
+                best, best_ratio = layer, max(lost, 0.0) / freed
         if best is None:
             break
-        best[0].index = best[1]
-    if result.fits:
-        return
-    result.stream_seconds_per_byte = costs.stream_seconds_per_byte()
-    frozen = [i for i in range(layers) if result.workload.layer_roles(i, layers) == {INFER}]
-    for layer in frozen:
-        for choice in result.choices:
-            if choice.layer == layer:
-                choice.streamed = True
-                choice.index = next(i for i, o in enumerate(choice.options) if all(k == BASELINE for _, k in o.kernels))
-                # a streamed layer's packed weights come from disk per run: LUC's kernel reads them
-        if result.fits:
-            return
-    raise EdgecoreError(
-        f"{result.workload.label} needs {result.peak_bytes / MIB:.0f} MB even with LUC's own kernels"
-        f"{' and ' + str(len(frozen)) + ' frozen layers streamed from disk' if frozen else ''}, "
-        f"but the budget is {result.budget_bytes / MIB:.0f} MB: compress the model further or shrink the workload "
-        "(batch, sequence length, window)")
+        if isinstance(best, int):
+            for choice in result.choices:
+                if choice.layer == best:
+                    choice.streamed, choice.index = True, choice.options.index(_baseline(choice))
+        else:
+            best[0].index = best[1]
+    if not result.fits:
+        raise EdgecoreError(
+            f"{result.workload.label} needs {result.peak_bytes / MIB:.0f} MB even with LUC's own kernels"
+            f"{' and ' + str(len(frozen)) + ' frozen layers streamed from disk' if frozen else ''}, "
+            f"but the budget is {result.budget_bytes / MIB:.0f} MB: compress the model further or shrink the workload "
+            "(batch, sequence length, window)")
+
+
+def _baseline(choice: Choice) -> Option:
+    """LUC's own kernel in every role: what a streamed layer runs (it reads the buffers just streamed in)."""
+    return next(o for o in choice.options if all(k == BASELINE for _, k in o.kernels))
 
 
 def known_kernels() -> list[str]:

@@ -1,0 +1,105 @@
+"""`schedule`: LUC's dequantize-in-forward against scheduled execution, with dense bf16 as the speed reference.
+
+SmolLM2-135M compressed by LUC (quick grid, sensitivity cached) for two shipped profiles,
+each configuration in a fresh process, all in one run:
+  (a) luc: the compressed model as LUC runs it (every packed layer rebuilt at every call);
+  (b) scheduled: the same model through the plan the measured cost table picks, within the
+      profile's budget and at most (a)'s predicted peak;
+  (c) dense-bf16: the uncompressed model in bf16.
+Workloads: a window training step (batch 8 x 128 where the profile's budget fits it, else 4
+x 128; the deepest window the budget fits) and decoding 64 tokens at batch 1 after a
+16-token prompt. Then (b) for pi-zero-2w decoding again with a budget below the compressed
+weights, so that frozen layers stream from disk. Reported per configuration: median time,
+peak RSS above the runtime floor, the cost model's predicted time; ratios (a)/(b), (c)/(b),
+prediction error, the streaming slowdown and the decoded tokens' agreement with (a).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from edgecore.luc import compress as luc
+from edgecore.luc.pipeline import compress, default_cache, grid_candidates
+from edgecore.memory import MIB, ModelShape, StepPlan
+from edgecore.profiles import resolve_profile
+from edgecore.tuning.window import window_depth
+from simulations.bench import benchmark, in_fresh_process, target
+
+WORKER = "simulations.bench.schedule_worker"
+PROFILES = {"pi-zero-2w": 4, "pi4-1gb": 8}  # profile -> training batch (8 x 128 does not fit pi-zero-2w's 200 MB)
+SEQ_LEN, PROMPT, NEW_TOKENS = 128, 16, 64
+STREAM_BUDGET_MB = 60  # below pi-zero-2w's compressed weights (about 76 MB)
+
+
+def _say(message: str) -> None:
+    print(f"[schedule {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _compressed(model: str, profile_name: str, folder: Path) -> tuple[Path, int]:
+    profile = resolve_profile(profile_name)
+    shape = ModelShape.from_name(model)
+    result = compress(model, profile, "bbc", plan=luc.default_tuning_plan(shape, PROFILES[profile_name], SEQ_LEN),
+                      calib_samples=2, cache=default_cache(), progress=False, candidates=grid_candidates(profile, "quick"))
+    out = luc.save_compressed(folder / profile_name, result.model, result.tokenizer, result.policy)
+    return out, result.policy.weight_bytes
+
+
+@benchmark("schedule")
+def run(options: dict) -> dict:
+    model = options["model"]
+    shape = ModelShape.from_name(model)
+    results, targets, ratios = [], [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for profile_name, batch in PROFILES.items():
+            profile = resolve_profile(profile_name)
+            _say(f"compressing {model} for {profile_name}")
+            folder, weight_bytes = _compressed(model, profile_name, Path(tmp))
+            step = StepPlan(batch=batch, seq_len=SEQ_LEN, weight_bytes=weight_bytes, packed_weights=True, allocator="returning")
+            depth = window_depth(shape, step, profile.memory_budget_mb).layers
+            workloads = {"train": {"kind": "train", "batch": batch, "seq_len": SEQ_LEN, "depth": depth},
+                         "decode": {"kind": "decode", "batch": 1, "seq_len": PROMPT, "new_tokens": NEW_TOKENS}}
+            costs = str(Path(tmp) / f"costs-{profile_name}.json")
+            by = {}
+            for kind, workload in workloads.items():
+                for mode in ("luc", "scheduled", "dense-bf16"):
+                    name = f"{profile_name}/{kind}/{mode}"
+                    _say(f"{name}: {workload}")
+                    repeats = 1 if (mode == "luc" and kind == "decode") else (2 if mode == "dense-bf16" else 3)
+                    by[(kind, mode)] = in_fresh_process(WORKER, {
+                        "name": name, "mode": mode, "profile": profile_name, "model": model, "folder": str(folder),
+                        "workload": workload, "budget_mb": profile.memory_budget_mb, "costs": costs, "repeats": repeats})
+                    results.append(by[(kind, mode)])
+            if profile_name == "pi-zero-2w":
+                name = f"{profile_name}/decode/scheduled-streaming-{STREAM_BUDGET_MB}mb"
+                _say(name)
+                by[("decode", "streaming")] = in_fresh_process(WORKER, {
+                    "name": name, "mode": "scheduled", "profile": profile_name, "model": model, "folder": str(folder),
+                    "workload": workloads["decode"], "budget_mb": STREAM_BUDGET_MB, "streaming": True, "costs": costs,
+                    "repeats": 1})
+                results.append(by[("decode", "streaming")])
+                stream = by[("decode", "streaming")]
+                ratios[f"{profile_name} streaming slowdown vs scheduled (decode)"] = stream["seconds"] / by[("decode", "scheduled")]["seconds"]
+                targets.append(target(f"{profile_name} streams: peak above floor within {STREAM_BUDGET_MB} MB + runtime "
+                                      f"slack, below the compressed weights ({weight_bytes / MIB:.0f} MB)",
+                                      stream["peak_above_floor_mb"], weight_bytes / MIB, higher_is_better=False))
+            for kind in workloads:
+                a, b, c = by[(kind, "luc")], by[(kind, "scheduled")], by[(kind, "dense-bf16")]
+                ratios[f"{profile_name} {kind}: (a) luc / (b) scheduled time"] = a["seconds"] / b["seconds"]
+                ratios[f"{profile_name} {kind}: (c) dense bf16 / (b) scheduled time"] = c["seconds"] / b["seconds"]
+                ratios[f"{profile_name} {kind}: (b) / (a) peak above floor"] = b["peak_above_floor_mb"] / a["peak_above_floor_mb"]
+                for row in (a, b, c):
+                    row["prediction_error"] = row["predicted_s"] / row["seconds"] - 1
+                    targets.append(target(f"{row['config']}: |predicted / measured - 1|", abs(row["prediction_error"]),
+                                          0.25, higher_is_better=False))
+                if kind == "decode":
+                    same = sum(x == y for x, y in zip(a["tokens"], b["tokens"])) / len(a["tokens"])
+                    ratios[f"{profile_name} decode: tokens equal to (a)'s"] = same
+                    targets.append(target(f"{profile_name} decode: (c) dense bf16 / (b) scheduled time", c["seconds"] / b["seconds"], 2.0))
+                else:
+                    targets.append(target(f"{profile_name} train: (a) luc / (b) scheduled time", a["seconds"] / b["seconds"], 1.5))
+                targets.append(target(f"{profile_name} {kind}: (b) peak above floor / (a)'s", b["peak_above_floor_mb"] / a["peak_above_floor_mb"],
+                                      1.0, higher_is_better=False))
+    return {"results": results, "ratios": ratios, "targets": targets}
