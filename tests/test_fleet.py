@@ -85,6 +85,8 @@ def test_a_two_profile_fleet_trains_with_both_kinds_of_client_within_budget(tmp_
         assert set(by_device) == {"tiny-board", "tiny-laptop"}
         small, big = by_device["tiny-board"], by_device["tiny-laptop"]
         assert small["compressed"] == 1 and big["compressed"] == 0
+        assert small["scheduled"] == 1 and big["scheduled"] == 0  # the compressed base runs through its plan
+        assert small["predicted-step-s"] > 0
         assert small["window"] < big["window"] == 6 and small["lora-rank"] == 2
         assert all(c["job-peak-mb"] <= c["budget-mb"] for c in r["clients"])
         assert {d["device"] for d in r["devices"]} == {"tiny-board"}  # the dense base is the server's evaluation
