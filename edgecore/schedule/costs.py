@@ -33,7 +33,7 @@ from edgecore.luc.table import QuantizedHead, QuantizedTable
 from edgecore.measure import machine
 from edgecore.schedule.formats import WeightFormat, WeightSource, source_of
 from edgecore.schedule.kernels import Kernel
-from edgecore.schedule.workload import INFER, TRAIN, Workload
+from edgecore.schedule.workload import INFER, Workload
 
 log = logging.getLogger(__name__)
 MIN_SECONDS, MAX_REPEATS = 0.05, 30  # each timing repeats until this long (at least 3 calls)

@@ -29,7 +29,7 @@ from edgecore.memory import FP32, MIB, ModelShape, StepPlan, estimate_step
 from edgecore.schedule.costs import CostTable, scheduled_modules, synthetic_source
 from edgecore.schedule.formats import WeightFormat, source_of
 from edgecore.schedule.kernels import BASELINE, KERNELS, kernels_for
-from edgecore.schedule.workload import INFER, TRAIN, Workload
+from edgecore.schedule.workload import INFER, TRAIN, Calls, Workload
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -100,7 +100,7 @@ class Plan:
 
     @property
     def peak_bytes(self) -> int:
-        streamed = [layer for layer in self.streamed_layers]
+        streamed = self.streamed_layers
         resident = self.stored_bytes - sum(self._layer_stored(layer) for layer in streamed)
         window = sum(sorted((self._layer_stored(layer) for layer in streamed), reverse=True)[:2])  # current + prefetched
         return (resident + window + self.workload_bytes + sum(c.held_bytes(c.option) for c in self.choices)
@@ -207,13 +207,15 @@ def workload_bytes(model, workload: Workload, step_plan: StepPlan | None = None)
         plan = replace(plan, window=workload.window(shape.layers), weight_bytes=0, packed_weights=False)
         estimate = estimate_step(shape, plan)
         return int((estimate.total_mb - estimate.weights_mb - estimate.weight_copies_mb) * MIB)
+    # A no-grad forward holds one layer's activations at a time (the prompt's, when decoding).
     logits = 2 * FP32 * shape.vocab  # one row of logits and its argmax / softmax
-    if workload.kind == "decode":
-        tokens = workload.seq_len + workload.new_tokens
-        return 2 * shape.layers * shape.kv_dim * tokens * FP32 + 16 * FP32 * tokens * shape.intermediate + logits
     tokens = workload.batch * workload.seq_len
     attention = FP32 * workload.batch * shape.heads * workload.seq_len ** 2
-    return FP32 * tokens * (6 * shape.hidden + 3 * shape.intermediate) + attention + workload.batch * logits
+    activations = FP32 * tokens * (6 * shape.hidden + 3 * shape.intermediate) + attention + workload.batch * logits
+    if workload.kind == "decode":
+        cached = workload.seq_len + workload.new_tokens
+        return activations + 2 * shape.layers * shape.kv_dim * cached * FP32
+    return activations
 
 
 def plan(model, workload: Workload, costs: CostTable, *, budget_bytes: int | None = None, model_key: str,
@@ -234,9 +236,8 @@ def plan(model, workload: Workload, costs: CostTable, *, budget_bytes: int | Non
         layer = int(match[1]) if match else None
         fmt = source_of(module).format
         calls = workload.layer_calls(layer, layers) if layer is not None else workload.head_calls()
-        if layer is not None and workload.kind == "train":  # kernels for every window the workload may train
-            calls = [*calls] + [type(c)(role, c.rows, 0) for role in workload.layer_roles(layer, layers)
-                                for c in calls[:1] if role != c.role]
+        if layer is not None and calls:  # a kernel, not counted in the time, for roles other windows give it
+            calls += [Calls(role, calls[0].rows, 0) for role in workload.layer_roles(layer, layers) - {c.role for c in calls}]
         options = _options(fmt, calls, costs, allowed, budget_bytes) if calls else [Option((), 0.0, 0.0, 0, 0, 0)]
         stored = sum(b.numel() * b.element_size() for b in module.buffers(recurse=False) if b is not None)
         stored += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
@@ -300,6 +301,3 @@ def _baseline(choice: Choice) -> Option:
     """LUC's own kernel in every role: what a streamed layer runs (it reads the buffers just streamed in)."""
     return next(o for o in choice.options if all(k == BASELINE for _, k in o.kernels))
 
-
-def known_kernels() -> list[str]:
-    return list(KERNELS)
