@@ -16,32 +16,19 @@ import torch
 from torch import nn
 
 from edgecore.errors import EdgecoreError
-from edgecore.luc.layer import CompressedLinear
+from edgecore.luc.layer import CompressedLinear, Layout
 from edgecore.luc.quant import QUANT_BITS, unpack
 from edgecore.luc.storage import bits_label
 from edgecore.luc.table import QuantizedHead
 
 
 @dataclass(frozen=True)
-class WeightFormat:
-    """Shape and storage of one weight: everything a kernel's speed and memory depend on."""
+class WeightFormat(Layout):
+    """A CompressedLinear's layout (shape, bits, kept count, group size, bias), and what else sets a kernel's
+    speed and memory: whether it is an LM head over a vocabulary table, whether LUC stored it."""
 
-    out_features: int
-    in_features: int
-    bits: int | None  # None: fp32 values, 16: fp16 values, else packed group codes
-    kept: int  # weights stored (numel when unpruned)
-    group_size: int = 64
     table: bool = False  # an LM head over a packed vocabulary table (LUC's default runs it in row blocks)
-    bias: bool = False
     luc: bool = True  # stored by LUC (False: a plain nn.Linear of a dense model)
-
-    @property
-    def numel(self) -> int:
-        return self.out_features * self.in_features
-
-    @property
-    def sparse(self) -> bool:
-        return self.kept < self.numel
 
     @property
     def quantized(self) -> bool:
