@@ -60,3 +60,37 @@ def test_bad_input_is_one_clear_line_without_a_traceback(tmp_path, args, message
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def _board(tmp_path, budget_mb: float) -> str:
+    path = tmp_path / "board.toml"
+    path.write_text(f'name = "tiny-board"\nmemory_budget_mb = {budget_mb}\nweight_bits = [4, 8]\nprecision = "fp32"\n'
+                    "[sparsity]\nunstructured = [0.0, 0.5]\n")
+    return str(path)
+
+
+@needs_bbc
+def test_schedule_compresses_plans_and_prints_every_weight_then_reuses_its_cost_table(tmp_path):
+    env = {**__import__("os").environ, "EDGECORE_CACHE": str(tmp_path / "cache")}
+    args = ["schedule", "--model", "tiny-5m", "--device", _board(tmp_path, 60), "--workload", "decode",
+            "--seq-len", "8", "--new-tokens", "4", "--json", str(tmp_path / "plan.json")]
+    first = subprocess.run([sys.executable, "-m", "edgecore", *args], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert len(plan["weights"]) == 6 * 7 + 1 and plan["weights"][-1]["name"] == "lm_head"
+    assert all(w["kernels"] for w in plan["weights"]) and plan["predicted_peak_mb"] <= 60
+    assert "model.layers.5.mlp.down_proj" in first.stdout and "predicted" in first.stdout
+    assert "0 measured now" not in first.stdout
+    again = subprocess.run([sys.executable, "-m", "edgecore", *args[:-2]], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "0 measured now" in again.stdout  # every timing came from the cache
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--costs", "missing.json"], "--costs missing.json is not a file"),
+    (["--budget-mb", "-1"], "--budget-mb -1"),
+    (["--new-tokens", "0"], "--new-tokens 0"),
+    (["--workload", "finetune"], "invalid choice"),
+])
+def test_schedule_bad_input_is_one_clear_line(tmp_path, args, message):
+    done = run_cli("schedule", "--model", "tiny-5m", "--device", _board(tmp_path, 60), *args, cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
