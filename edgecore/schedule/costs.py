@@ -168,6 +168,7 @@ class CostTable:
             started = time.perf_counter()
             self.entries[key] = read_seconds_per_byte()
             self.seconds_measuring += time.perf_counter() - started
+            self.measured_now += 1
         return self.entries[key]
 
     # -- the rest of the model -------------------------------------------------------------------

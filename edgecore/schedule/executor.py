@@ -85,17 +85,29 @@ class Executor:
         return bool(self.runners)
 
     def install(self) -> Executor:
-        if self.installed:
+        """Put the plan in place; on any failure the model is left exactly as it was."""
+        if self.installed or self.stream is not None or self.parked is not None:
             raise EdgecoreError("this plan is installed already")
         modules = scheduled_modules(self.model)
         missing = [c.name for c in self.plan.choices if c.name not in modules]
         if missing:
             raise EdgecoreError(f"the plan schedules {missing[:3]}, which this model does not have: plan for this model")
         for choice in self.plan.choices:
+            found = source_of(modules[choice.name]).format
+            if found != choice.format:
+                raise EdgecoreError(f"{choice.name} is {found.label} here but {choice.format.label} in the plan: "
+                                    "plan for this model")
+        try:
+            self._install(modules)
+        except BaseException:
+            self.uninstall()
+            raise
+        return self
+
+    def _install(self, modules: dict) -> None:
+        for choice in self.plan.choices:
             module = modules[choice.name]
             source = source_of(module)
-            if source.format != choice.format:
-                raise EdgecoreError(f"{choice.name} is {source.format.label} here but {choice.format.label} in the plan")
             states: dict[str, dict] = {}
             by_role = {}
             for role, name in choice.option.kernels:
@@ -118,7 +130,6 @@ class Executor:
                     self.runners[name].parked = True
             if streamed:
                 self.stream = LayerStream(list(lm.causal_lm(self.model).model.layers), streamed, folder)
-        return self
 
     def uninstall(self) -> None:
         if self.stream is not None:

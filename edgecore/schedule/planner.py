@@ -96,7 +96,8 @@ class Plan:
         return sorted({c.layer for c in self.choices if c.streamed})
 
     def _layer_stored(self, layer: int) -> int:
-        return sum(c.stored_bytes for c in self.choices if c.layer == layer)
+        """Bytes streaming `layer` keeps on disk: its LUC-packed weights (plain nn.Linear weights stay)."""
+        return sum(c.stored_bytes for c in self.choices if c.layer == layer and c.parkable)
 
     @property
     def peak_bytes(self) -> int:
@@ -171,14 +172,15 @@ class Plan:
 
 
 def _options(fmt: WeightFormat, calls, costs: CostTable, allowed: set[str] | None, budget: int | None) -> list[Option]:
-    """Every combination of one kernel per role, priced; those over the budget on their own are left out."""
+    """Every combination of one kernel per role, priced; kernels over the budget on their own are left out
+    (LUC's own never is: it is what the plan falls back to, and `_fit` names the budget if even that fails)."""
     roles = sorted({c.role for c in calls})
     per_role = []
     for role in roles:
         kernels = [k for k in kernels_for(fmt, differentiable=role == TRAIN) if allowed is None or k.name in allowed
                    or k.name == BASELINE]
         if budget is not None:
-            kernels = [k for k in kernels if k.extra_bytes(fmt) + k.transient_bytes(fmt) <= budget]
+            kernels = [k for k in kernels if k.name == BASELINE or k.extra_bytes(fmt) + k.transient_bytes(fmt) <= budget]
         per_role.append(kernels)
     options = []
     for combo in itertools.product(*per_role):
@@ -254,10 +256,13 @@ def plan(model, workload: Workload, costs: CostTable, *, budget_bytes: int | Non
 def _fit(result: Plan, layers: int, costs: CostTable) -> None:
     """Give back memory until the plan fits, the fewest seconds lost per byte freed first; else refuse.
 
-    A move is one weight going to a leaner option, or one frozen layer (one the workload never
-    trains) going to disk: its weights then run LUC's kernel on buffers read back at every run.
+    A move is one weight going to a leaner option, or frozen layers (the workload never trains
+    them; all their weights LUC-packed) going to disk: their weights then run LUC's kernel on
+    buffers read back at every run. Two streamed layers stay resident (the one running and the
+    one read ahead), so the first streaming move takes as many layers as it needs to free memory.
     """
-    frozen = [i for i in range(layers) if result.workload.layer_roles(i, layers) == {INFER}]
+    frozen = [i for i in range(layers) if result.workload.layer_roles(i, layers) == {INFER}
+              and all(c.parkable for c in result.choices if c.layer == i)]
     while not result.fits:
         best, best_ratio = None, None
         for choice in result.choices:
@@ -270,23 +275,13 @@ def _fit(result: Plan, layers: int, costs: CostTable) -> None:
                     lost = max(option.seconds - now.seconds, 0.0) + 1e-3 * max(option.call_seconds - now.call_seconds, 0.0)
                     if best_ratio is None or lost / freed < best_ratio:
                         best, best_ratio = (choice, index), lost / freed
-        if result.stream_seconds_per_byte == 0.0 and frozen:
-            result.stream_seconds_per_byte = costs.stream_seconds_per_byte()
-        for layer in frozen:
-            weights = [c for c in result.choices if c.layer == layer]
-            if not weights or weights[0].streamed:
-                continue
-            freed = sum(c.stored_bytes + c.held_bytes(c.option) for c in weights)
-            lost = sum(_baseline(c).seconds - c.option.seconds for c in weights)
-            lost += result.stream_seconds_per_byte * sum(c.stored_bytes * result._runs(c) for c in weights)
-            if freed > 0 and (best_ratio is None or max(lost, 0.0) / freed < best_ratio):
-                best, best_ratio = layer, max(lost, 0.0) / freed
+        stream = _stream_move(result, frozen, costs)
+        if stream is not None and (best_ratio is None or stream[1] < best_ratio):
+            best, best_ratio = stream
         if best is None:
             break
-        if isinstance(best, int):
-            for choice in result.choices:
-                if choice.layer == best:
-                    choice.streamed, choice.index = True, choice.options.index(_baseline(choice))
+        if isinstance(best, list):
+            _set_streamed(result, best)
         else:
             best[0].index = best[1]
     if not result.fits:
@@ -295,6 +290,34 @@ def _fit(result: Plan, layers: int, costs: CostTable) -> None:
             f"{' and ' + str(len(frozen)) + ' frozen layers streamed from disk' if frozen else ''}, "
             f"but the budget is {result.budget_bytes / MIB:.0f} MB: compress the model further or shrink the workload "
             "(batch, sequence length, window)")
+
+
+def _set_streamed(result: Plan, layers: list[int]) -> dict:
+    """Stream `layers` (their weights on LUC's kernel); returns what each choice was before, to undo it."""
+    before = {}
+    for choice in result.choices:
+        if choice.layer in layers:
+            before[id(choice)] = (choice, choice.streamed, choice.index)
+            choice.streamed, choice.index = True, choice.options.index(_baseline(choice))
+    return before
+
+
+def _stream_move(result: Plan, frozen: list[int], costs: CostTable) -> tuple[list[int], float] | None:
+    """The next frozen layers to stream, lowest first, as few as free memory: (layers, seconds lost per byte)."""
+    waiting = [layer for layer in frozen if not any(c.streamed for c in result.choices if c.layer == layer)]
+    if not waiting:
+        return None
+    if result.stream_seconds_per_byte == 0.0:
+        result.stream_seconds_per_byte = costs.stream_seconds_per_byte()
+    peak, seconds = result.peak_bytes, result.predicted_seconds
+    for count in range(1, min(3, len(waiting)) + 1):
+        before = _set_streamed(result, waiting[:count])
+        freed, lost = peak - result.peak_bytes, result.predicted_seconds - seconds
+        for choice, streamed, index in before.values():
+            choice.streamed, choice.index = streamed, index
+        if freed > 0:
+            return waiting[:count], max(lost, 0.0) / freed
+    return None
 
 
 def _baseline(choice: Choice) -> Option:

@@ -45,7 +45,8 @@ class Spill:
             slots = []
             for module_name, module in modules:
                 for buffer_name, buffer in module._buffers.items():
-                    if buffer is not None and buffer.numel():
+                    # The packed weights only: a bias is small, and the kernels that replace them read it.
+                    if buffer is not None and buffer.numel() and buffer_name != "bias":
                         key = f"{group}.{module_name}.{buffer_name}"
                         tensors[key] = buffer.contiguous()
                         slots.append((module, buffer_name, key, buffer.dtype))
