@@ -147,12 +147,12 @@ class CostTable:
     def _measure_kernel(kernel: Kernel, fmt: WeightFormat, rows: int, role: str) -> float:
         source = synthetic_source(fmt)
         state = kernel.prepare(source)
-        x = torch.randn(rows, fmt.in_features) * 0.1
+        x = (torch.randn(rows, fmt.in_features) * 0.1).to(source.input_dtype)
         if role == INFER:
             with torch.no_grad():
                 return time_call(lambda: kernel(state, source, x))
         x.requires_grad_(True)
-        grad = torch.ones(rows, fmt.out_features)
+        grad = torch.ones(rows, fmt.out_features, dtype=source.input_dtype)
 
         def step():
             kernel(state, source, x).backward(grad)

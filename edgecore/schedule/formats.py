@@ -60,6 +60,11 @@ class WeightSource:
     def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The activations' dtype in the model this weight sits in (what the cost model times it with)."""
+        return torch.float32
+
     def group_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes [out, in] uint8, scale [out, in/g] fp16, zero [out, in/g] fp16) with w = code * scale + zero.
 
@@ -133,6 +138,10 @@ class DenseSource(WeightSource):
 
     def bias(self, dtype):
         return None if self.module.bias is None else self.module.bias.detach().to(dtype)
+
+    @property
+    def input_dtype(self):
+        return self.module.weight.dtype
 
     def luc_forward(self, x):
         return nn.Linear.forward(self.module, x)

@@ -147,7 +147,8 @@ class Workload:
         layers = base.config.num_hidden_layers
         first, last = self.window(layers)
         if exits is None or last not in exits.layers:  # timing only: fresh exit adapters do
-            exits = Exits(sorted({*default_exits(layers), last}), base.config.hidden_size)
+            dtype = base.get_input_embeddings()(batch.input_ids[:1, :1]).dtype  # the model's compute dtype
+            exits = Exits(sorted({*default_exits(layers), last}), base.config.hidden_size).to(dtype)
         loss = window_loss(model, exits, batch, last, last - first + 1)
         loss.backward()
         for parameter in model.parameters():  # a benchmark step, not training: nothing accumulates
