@@ -31,7 +31,7 @@ from simulations.bench import benchmark, in_fresh_process, target
 WORKER = "simulations.bench.schedule_worker"
 PROFILES = {"pi-zero-2w": 4, "pi4-1gb": 8}  # profile -> training batch (8 x 128 does not fit pi-zero-2w's 200 MB)
 SEQ_LEN, PROMPT, NEW_TOKENS = 128, 16, 64
-STREAM_BUDGET_MB = 60  # below pi-zero-2w's compressed weights (about 76 MB)
+STREAM_BUDGET_MB = 70  # below pi-zero-2w's compressed weights (about 76 MB); all streamed, decoding needs 62
 
 
 def _say(message: str) -> None:
