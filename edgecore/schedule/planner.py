@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from edgecore.errors import EdgecoreError
 from edgecore.luc.layer import CompressedLinear
-from edgecore.memory import FP32, MIB, ModelShape, StepPlan, estimate_step
+from edgecore.memory import FP32, MIB, OVERHEAD_BASE_MB, OVERHEAD_PER_VOCAB_MB, ModelShape, StepPlan, estimate_step
 from edgecore.schedule.costs import CostTable, scheduled_modules, synthetic_source
 from edgecore.schedule.formats import WeightFormat, source_of
 from edgecore.schedule.kernels import BASELINE, KERNELS, kernels_for
@@ -209,11 +209,15 @@ def workload_bytes(model, workload: Workload, step_plan: StepPlan | None = None)
         plan = replace(plan, window=workload.window(shape.layers), weight_bytes=0, packed_weights=False)
         estimate = estimate_step(shape, plan)
         return int((estimate.total_mb - estimate.weights_mb - estimate.weight_copies_mb) * MIB)
-    # A no-grad forward holds one layer's activations at a time (the prompt's, when decoding).
+    # A no-grad forward holds one layer's activations at a time (the prompt's, when decoding), plus
+    # the runtime's own growth beyond the floor that the training estimate also counts (modules,
+    # thread pools, the tokenizer): without it, decoding measured 45-50 MB above the prediction.
     logits = 2 * FP32 * shape.vocab  # one row of logits and its argmax / softmax
     tokens = workload.batch * workload.seq_len
     attention = FP32 * workload.batch * shape.heads * workload.seq_len ** 2
-    activations = FP32 * tokens * (6 * shape.hidden + 3 * shape.intermediate) + attention + workload.batch * logits
+    overhead = int((OVERHEAD_BASE_MB + OVERHEAD_PER_VOCAB_MB * shape.vocab) * MIB)
+    activations = (FP32 * tokens * (6 * shape.hidden + 3 * shape.intermediate) + attention + workload.batch * logits
+                   + overhead)
     if workload.kind == "decode":
         cached = workload.seq_len + workload.new_tokens
         return activations + 2 * shape.layers * shape.kv_dim * cached * FP32

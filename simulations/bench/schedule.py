@@ -8,7 +8,7 @@ each configuration in a fresh process, all in one run:
   (c) dense-bf16: the uncompressed model in bf16.
 Workloads: a window training step (batch 8 x 128 where the profile's budget fits it, else 4
 x 128; the deepest window the budget fits) and decoding 64 tokens at batch 1 after a
-16-token prompt. Then (b) for pi-zero-2w decoding again with a budget below the compressed
+16-token prompt. Then (b) for pi4-1gb decoding again with a job budget below its compressed
 weights, so that frozen layers stream from disk. Reported per configuration: median time,
 peak RSS above the runtime floor, the cost model's predicted time; ratios (a)/(b), (c)/(b),
 prediction error, the streaming slowdown and the decoded tokens' agreement with (a).
@@ -31,7 +31,7 @@ from simulations.bench import benchmark, in_fresh_process, target
 WORKER = "simulations.bench.schedule_worker"
 PROFILES = {"pi-zero-2w": 4, "pi4-1gb": 8}  # profile -> training batch (8 x 128 does not fit pi-zero-2w's 200 MB)
 SEQ_LEN, PROMPT, NEW_TOKENS = 128, 16, 64
-STREAM_BUDGET_MB = 70  # below pi-zero-2w's compressed weights (about 76 MB); all streamed, decoding needs 62
+STREAM_PROFILE, STREAM_BUDGET_MB = "pi4-1gb", 150  # below its compressed weights (165 MB)
 
 
 def _say(message: str) -> None:
@@ -72,7 +72,7 @@ def run(options: dict) -> dict:
                         "name": name, "mode": mode, "profile": profile_name, "model": model, "folder": str(folder),
                         "workload": workload, "budget_mb": profile.memory_budget_mb, "costs": costs, "repeats": repeats})
                     results.append(by[(kind, mode)])
-            if profile_name == "pi-zero-2w":
+            if profile_name == STREAM_PROFILE:
                 name = f"{profile_name}/decode/scheduled-streaming-{STREAM_BUDGET_MB}mb"
                 _say(name)
                 by[("decode", "streaming")] = in_fresh_process(WORKER, {
