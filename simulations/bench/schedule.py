@@ -95,6 +95,8 @@ def run(options: dict) -> dict:
                     targets.append(target(f"{row['config']}: |predicted / measured - 1|", abs(row["prediction_error"]),
                                           0.25, higher_is_better=False))
                 if kind == "decode":
+                    # The bound on (c)/(b): (b) cannot be faster than its measured rest of the model.
+                    ratios[f"{profile_name} decode: (c) dense bf16 time / (b)'s rest of the model"] = c["seconds"] / b["plan"]["rest_s"]
                     same = sum(x == y for x, y in zip(a["tokens"], b["tokens"])) / len(a["tokens"])
                     ratios[f"{profile_name} decode: tokens equal to (a)'s"] = same
                     targets.append(target(f"{profile_name} decode: (c) dense bf16 / (b) scheduled time", c["seconds"] / b["seconds"], 2.0))
