@@ -110,14 +110,14 @@ def _schedule(model, model_name, exits, depth, profile, budget_mb, step_plan):
     accounting prices that a little higher: scheduling never asks for more than LUC ran with.
     """
     from edgecore.errors import EdgecoreError
-    from edgecore.schedule.costs import CostTable
+    from edgecore.schedule.costs import CostTable, model_key
     from edgecore.schedule.executor import Executor
     from edgecore.schedule.planner import plan
     from edgecore.schedule.workload import Workload
 
     workload = Workload.train(step_plan.batch, step_plan.seq_len, depth.layers, exits=tuple(exits.layers))
     costs = CostTable.for_profile(profile.name)
-    key = f"{model_name}/lora-r{step_plan.lora_r}-{'.'.join(step_plan.lora_targets)}"
+    key = model_key(model_name, step_plan.lora_r, step_plan.lora_targets)
     window_free = replace(step_plan, window=None)
     try:
         luc_only = plan(model, workload, costs, model_key=key, exits=exits, step_plan=window_free, allowed={"luc-dequant"})

@@ -11,7 +11,7 @@ from edgecore.errors import EdgecoreError
 from edgecore.finetune import LoraSettings, add_lora
 from edgecore.memory import MIB, ModelShape, StepPlan
 from edgecore.profiles import DeviceProfile
-from edgecore.schedule.costs import CostTable
+from edgecore.schedule.costs import CostTable, model_key
 from edgecore.schedule.planner import Plan, plan
 from edgecore.schedule.workload import Workload
 
@@ -50,7 +50,7 @@ def prepare(model, name: str, lora: LoraSettings, batch: int, seq_len: int) -> P
     step_plan = StepPlan(batch=batch, seq_len=seq_len, lora_r=lora.r, lora_targets=tuple(lora.targets),
                          lora_dropout=lora.dropout, weight_bytes=stored_nbytes(model), packed_weights=True,
                          allocator="returning")
-    return Prepared(add_lora(model, lora), f"{name}/lora-r{lora.r}-{'.'.join(lora.targets)}", shape, step_plan)
+    return Prepared(add_lora(model, lora), model_key(name, lora.r, lora.targets), shape, step_plan)
 
 
 def window_layers(prepared: Prepared, budget_mb: float | None) -> int:

@@ -184,6 +184,11 @@ class CostTable:
         return self.entries[key]
 
 
+def model_key(name: str, lora_r: int, lora_targets) -> str:
+    """How a model is named in cost tables: the rest of the model depends on it and its LoRA."""
+    return f"{name}/lora-r{lora_r}-{'.'.join(lora_targets)}"
+
+
 def scheduled_modules(model) -> dict[str, nn.Module]:
     """name -> every weight module a plan schedules: the decoder's linears and the LM head."""
     from edgecore import lm

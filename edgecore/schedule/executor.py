@@ -45,8 +45,7 @@ class Runner:
     def kernel_for(self, x: torch.Tensor) -> tuple[Kernel, dict]:
         if x.requires_grad and torch.is_grad_enabled():
             return self.by_role.get(TRAIN, self.baseline)
-        chosen = self.by_role.get(INFER) or self.by_role.get(TRAIN) or self.baseline
-        return chosen
+        return self.by_role.get(INFER) or self.by_role.get(TRAIN) or self.baseline
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         kernel, state = self.kernel_for(x)
