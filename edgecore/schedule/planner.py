@@ -87,6 +87,7 @@ class Plan:
     workload_bytes: int  # activations, adapters, optimizer, KV cache
     rest_seconds: float
     choices: list[Choice]
+    layers: int  # decoder layers of the model
     stream_seconds_per_byte: float = 0.0
 
     # -- predictions -----------------------------------------------------------------------------
@@ -112,8 +113,7 @@ class Plan:
         return choice.option.seconds + stream
 
     def _runs(self, choice: Choice) -> int:
-        layers = 1 + max(c.layer for c in self.choices if c.layer is not None)
-        return sum(c.count for c in self.workload.layer_calls(choice.layer, layers))
+        return sum(c.count for c in self.workload.layer_calls(choice.layer, self.layers))
 
     @property
     def predicted_seconds(self) -> float:
@@ -249,7 +249,7 @@ def plan(model, workload: Workload, costs: CostTable, *, budget_bytes: int | Non
         stored += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
         choices.append(Choice(name, layer, fmt, options, stored_bytes=stored, parkable=isinstance(module, CompressedLinear)))
     result = Plan(workload, budget_bytes, stored_nbytes(model), workload_bytes(model, workload, step_plan),
-                  costs.rest_seconds(model, workload, model_key, exits), choices)
+                  costs.rest_seconds(model, workload, model_key, exits), choices, layers)
     synthetic_source.cache_clear()  # the random weights kernels were timed on
     if budget_bytes is not None:
         _fit(result, layers, costs)
