@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 from edgecore import data, profiles
+from edgecore.device import check_compressed_base
 from edgecore.errors import EdgecoreError
+from edgecore.luc.compress import is_compressed_folder
 from server import flower
 from server.addresses import parse_address, parse_port, wait_reachable
 
@@ -39,7 +41,23 @@ def node_config(args) -> str:
         raise EdgecoreError(f"--lora-rank {args.lora_rank} must be at least 1")
     config = f'data="{spec}" partition-id={args.partition_id} num-partitions={args.num_partitions} device-profile="{device}"'
     print(f"device profile: {profile.name}, {profile.memory_budget_mb:.0f} MB for the job", flush=True)
+    if args.model is not None:
+        config += f' model="{brought_base(args.model, profile)}"'
     return config + (f" lora-rank={args.lora_rank}" if args.lora_rank else "")
+
+
+def brought_base(folder: str, profile: profiles.DeviceProfile) -> str:
+    """--model: a base compressed elsewhere for this device, checked against its profile now."""
+    path = Path(folder).resolve()
+    if not path.is_dir() or not is_compressed_folder(path):
+        raise EdgecoreError(f"--model {folder}: not a compressed model folder; make one with "
+                            f"`python -m edgecore compress --model MODEL --device {profile.name} --out FOLDER`")
+    if '"' in str(path):
+        raise EdgecoreError(f"--model {folder!r}: a path with a double quote cannot be passed to Flower; rename it")
+    policy = check_compressed_base(path, profile)
+    print(f"base: {path} ({policy.model} compressed to {policy.weight_bytes / 2**20:.0f} MB), checked against "
+          f"{profile.name}", flush=True)
+    return str(path)
 
 
 def run_supernode(args) -> int:
@@ -73,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-partitions", type=int, default=1, help="with a shared dataset: how many partitions there are")
     parser.add_argument("--device-profile", default=profiles.LOCAL,
                         help="this device's profile: a shipped name (configs/devices/), a .toml file, or 'local' (detect)")
+    parser.add_argument("--model", default=None,
+                        help="a base compressed for this device elsewhere (python -m edgecore compress ... --device X "
+                             "--out FOLDER); default: the server's model, compressed here if the budget needs it")
     parser.add_argument("--lora-rank", type=int, default=None, help="this device's LoRA rank (default: the server's lora-r)")
     parser.add_argument("--runtime-port", default="9094", help="local port for Flower's client runtime; give each client on one machine its own")
     parser.add_argument("--root-certificates", type=Path, default=None, help="CA certificate for a TLS server (default: insecure)")

@@ -41,7 +41,8 @@ def client_device(node_config: dict, experiment: Experiment, client: ClientData)
         return None
     rank = int(node_config["lora-rank"]) if node_config.get("lora-rank") else None
     if "device-profile" in node_config:
-        return Device(resolve_profile(str(node_config["device-profile"])), rank)
+        model = str(node_config["model"]) if node_config.get("model") else None
+        return Device(resolve_profile(str(node_config["device-profile"])), rank, model)
     fleet = experiment.load_fleet()
     if fleet is None:
         return Device(resolve_profile("local"), rank)

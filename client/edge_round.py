@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from client.device import device_model
+from client.device import device_model, device_spec
 from client.pipeline import ClientData, partition_of, round_metrics
 from edgecore import data, measure, wire
 from edgecore.encoding import Encoder
 from edgecore.evaluate import evaluate
 from edgecore.experiment import Experiment
-from edgecore.finetune import resolve_precision
 from edgecore.profiles import DeviceProfile
 from edgecore.tuning import adaptive
 
@@ -40,6 +39,7 @@ class Device:
 
     profile: DeviceProfile
     lora_rank: int | None = None
+    model: str | None = None  # a base compressed elsewhere for this device (None: the experiment's model)
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,16 @@ def edge_round(
     started = time.perf_counter()
     dataset, samples = partition_of(client, experiment.seed)
     validation = list(_validation(client, experiment.seed)[: experiment.vote_samples]) or dataset.validation[: experiment.vote_samples]
-    dev = device_model(experiment, device.profile, device.lora_rank)
+    prepare_started = time.perf_counter()
+    dev = _device_model(experiment, client, device)
+    prepare_s = time.perf_counter() - prepare_started  # ~0 when this process prepared it in an earlier round
     _load_global(dev, global_arrays)
     encoder = Encoder(dev.tokenizer, dataset, max_len=experiment.seq_len)
     measure.make_resident(dev.model)
     rss_before = measure.rss_mb()
     result = adaptive.tune(
-        dev.model, dev.exits, dev.depth, encoder, list(samples), validation, experiment.train_settings(server_round),
+        dev.model, dev.exits, dev.depth, encoder, list(samples), validation,
+        replace(experiment.train_settings(server_round), precision=dev.compute_precision),
         exit_weights=assignment.exit_weights, assigned_exit=assignment.exit_layer, progress=False,
     )
     trained_layers = {layer for layer, steps in enumerate(result.layer_steps) if steps}
@@ -84,7 +87,12 @@ def edge_round(
         "compressed": int(dev.compressed),
         "scheduled": int(dev.executor is not None),  # the base runs through edgecore.schedule's kernels
         "predicted-step-s": (dev.schedule or {}).get("predicted_s", 0.0),
-        "prepare-s": dev.prepare_s,
+        "prepare-s": prepare_s,
+        "from-disk": int(dev.from_disk),  # the compressed base came from the device's disk, not compressed now
+        "built": int(bool(dev.build) and not dev.from_disk),
+        "build-peak-mb": dev.build.get("peak_mb", 0.0) if not dev.from_disk else 0.0,
+        "bf16": int(dev.precision == "bf16"),
+        "compute-bf16": int(dev.compute_precision == "bf16"),
         "lora-rank": dev.lora.r,
         "window": dev.depth.layers,
         "exit-steps": [sum(1 for h in result.history if h["exit"] == e) for e in dev.exits.layers],
@@ -102,14 +110,18 @@ def edge_round(
 def edge_evaluate(experiment: Experiment, client: ClientData, device: Device, global_arrays: wire.Arrays) -> dict:
     """Accuracy of the global adapter on this device's own base (compressed or dense), full depth."""
     dataset, _ = partition_of(client, experiment.seed)
-    dev = device_model(experiment, device.profile, device.lora_rank)
+    dev = _device_model(experiment, client, device)
     _load_global(dev, global_arrays)
     encoder = Encoder(dev.tokenizer, dataset, max_len=experiment.seq_len)
     test = dataset.test[: experiment.device_eval_samples]
     metrics = evaluate(dev.model, encoder, test, batch_size=experiment.eval_batch_size,
-                       precision=resolve_precision(experiment.precision), progress=False)
+                       precision=dev.compute_precision, progress=False)
     return {"num-examples": len(test), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
             "compressed": int(dev.compressed), "weights-mb": dev.weights_mb}
+
+
+def _device_model(experiment: Experiment, client: ClientData, device: Device):
+    return device_model(device_spec(experiment, device.profile, device.lora_rank, model=device.model, data=client.spec))
 
 
 def _load_global(dev, global_arrays: wire.Arrays) -> None:

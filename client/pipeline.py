@@ -21,7 +21,7 @@ from edgecore.data import Sample
 from edgecore.encoding import Encoder
 from edgecore.experiment import Experiment
 from edgecore.finetune import LoraSettings, add_lora, train
-from edgecore.memory import MIB, limit_heap_fragmentation
+from edgecore.memory import HEAP_THRESHOLD_BYTES, MIB, limit_heap_fragmentation
 from edgecore.tuning.adaptive import stored_weight_bytes
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,6 @@ def partition_of(client: ClientData, seed: int) -> tuple[data.Dataset, tuple[Sam
     dataset = data.load(client.spec, seed=seed)
     return dataset, tuple(data.share(dataset.train, client.num_partitions, client.partition_id, client.scheme, seed=seed))
 
-
-# Freed activations (blocks over 1 MiB) go back to the OS, so a round's measured peak is its
-# own (glibc otherwise keeps them, and the next round reuses them unseen) and the estimator's
-# "returning" allocator applies. Measured for SmolLM2, full-depth LoRA at batch 4 x 128 against
-# an estimate of 773 MB: glibc's default 1296 MB at 2.78 s a step; 1 MiB 854 MB at 3.66 s;
-# 64 KiB 741 MB at 4.88 s.
-HEAP_THRESHOLD_BYTES = 1 << 20
 
 
 @lru_cache(maxsize=2)

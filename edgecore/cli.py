@@ -8,7 +8,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from edgecore.errors import EdgecoreError
@@ -35,7 +35,7 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=train.seq_len, help="maximum tokens per sequence (long texts are cut, answers kept)")
     p.add_argument("--lr", type=float, default=train.lr, help="peak learning rate (linear warm-up, cosine decay to lr/10)")
     p.add_argument("--warmup-steps", type=int, default=train.warmup_steps, help="linear warm-up steps")
-    p.add_argument("--precision", choices=PRECISIONS, default=train.precision, help="auto = bf16 autocast where the CPU runs bf16 natively (avx512_bf16/AMX), else fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default=train.precision, help="auto = with --device, the device profile's; else bf16 autocast where this CPU runs bf16 natively (avx512_bf16/AMX), fp32 elsewhere")
     p.add_argument("--lora-r", type=int, default=lora.r, help="LoRA rank")
     p.add_argument("--lora-alpha", type=int, default=lora.alpha, help="LoRA alpha (scaling = alpha / r)")
     p.add_argument("--lora-dropout", type=float, default=lora.dropout, help="LoRA dropout")
@@ -90,9 +90,14 @@ def _finetune(args) -> None:
         held_out = held_out[: args.eval_samples]
 
     started = time.perf_counter()
-    model, tokenizer = models.load(args.model, seed=args.seed)
+    dev = _device_model(args, lora, settings) if args.device else None
+    if dev is None:
+        model, tokenizer = models.load(args.model, seed=args.seed)
+        precision = resolve_precision(settings.precision)
+    else:  # the device's own base (compressed if its budget needs it), LoRA, exits and window
+        model, tokenizer, precision = dev.model, dev.tokenizer, dev.compute_precision
+        settings = replace(settings, precision=precision)
     encoder = Encoder(tokenizer, dataset, max_len=settings.seq_len)
-    precision = resolve_precision(settings.precision)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{model.config.num_hidden_layers} layers, loaded in {time.perf_counter() - started:.1f} s; precision {precision}")
     print(f"data {dataset.name}: {len(train_samples)} training samples, {len(held_out)} {args.eval_split} samples")
@@ -103,7 +108,8 @@ def _finetune(args) -> None:
         evals["before"] = evaluate(model, encoder, held_out, batch_size=args.eval_batch_size, precision=precision, progress=progress)
         print("before: " + _metrics_line(evals["before"]))
 
-    model = add_lora(model, lora)
+    if dev is None:
+        model = add_lora(model, lora)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "steps.jsonl").open("w") as steps_file:
         def record(step):
@@ -111,7 +117,7 @@ def _finetune(args) -> None:
             steps_file.flush()
         if adaptive_settings is not None:
             return _finetune_adaptive(args, model, encoder, dataset, train_samples, held_out, settings,
-                                      adaptive_settings, lora, evals, out, record, started)
+                                      adaptive_settings, lora, evals, out, record, started, dev)
         report = train(model, encoder, train_samples, settings, progress=progress, on_step=record)
     print(f"trained {len(report.steps)} steps in {report.train_s:.1f} s: {report.mean_step_s:.2f} s/step, "
           f"loss {report.steps[0].loss:.3f} -> {report.final_loss:.3f}, peak RSS {report.peak_rss_mb:.0f} MB")
@@ -129,17 +135,29 @@ def _finetune(args) -> None:
     print(f"run folder: {out} (adapter/, steps.jsonl, summary.json)")
 
 
-def _adaptive_settings(args):
+def _device_model(args, lora, settings):
+    """--device: the model made ready for that device by edgecore.device.prepare (its budget, or --budget-mb's)."""
+    from edgecore.device import DeviceSpec, prepare
     from edgecore.profiles import resolve_profile
+
+    profile = resolve_profile(args.device)
+    if args.budget_mb is not None:
+        profile = replace(profile, memory_budget_mb=args.budget_mb)
+    return prepare(DeviceSpec(args.model, profile, lora, batch_size=settings.batch_size, seq_len=settings.seq_len,
+                              exits=args.exits, data=args.data, seed=args.seed, precision=settings.precision))
+
+
+def _adaptive_settings(args):
     from edgecore.tuning.adaptive import AdaptiveSettings
 
     if not args.adaptive:
         if args.device or args.budget_mb is not None or args.window is not None:
             raise EdgecoreError("--device, --budget-mb and --window apply to adaptive tuning: add --adaptive")
         return None
+    if args.device and args.window is not None:
+        raise EdgecoreError("--window with --device: the device picks the deepest window its budget fits; "
+                            "leave --device out to fix the window (with --budget-mb to check it)")
     budget = args.budget_mb
-    if budget is None and args.device:
-        budget = resolve_profile(args.device).memory_budget_mb
     if budget is not None and budget <= 0:
         raise EdgecoreError(f"--budget-mb {budget} must be positive")
     if args.exit_rank < 1:
@@ -148,13 +166,13 @@ def _adaptive_settings(args):
 
 
 def _finetune_adaptive(args, model, encoder, dataset, train_samples, held_out, settings, adaptive_settings, lora,
-                       evals, out, record, started) -> None:
+                       evals, out, record, started, dev=None) -> None:
     from edgecore.memory import limit_heap_fragmentation
     from edgecore.tuning import adaptive
     from edgecore.tuning.voting import exit_scores, predict_early
 
     limit_heap_fragmentation()  # freed activations go back to the OS: the estimate assumes it
-    exits, depth = adaptive.prepare(model, adaptive_settings, settings, lora)
+    exits, depth = (dev.exits, dev.depth) if dev else adaptive.prepare(model, adaptive_settings, settings, lora)
     budget = f"budget {depth.budget_mb:.0f} MB" if depth.budget_mb is not None else "no budget"
     print(f"adaptive: exits after layers {list(exits.layers)}, window {depth.layers} layers "
           f"(estimated {depth.estimate_mb:.0f} MB, {budget})")
@@ -222,6 +240,7 @@ def _compress_parser(sub) -> None:
 
 
 def _compress(args) -> None:
+    from edgecore.device import planning_profile
     from edgecore.luc import compress as luc
     from edgecore.luc import pipeline
     from edgecore.memory import MIB, ModelShape
@@ -240,8 +259,10 @@ def _compress(args) -> None:
     if args.json and args.json.is_dir():
         raise EdgecoreError(f"--json {args.json} is a directory; give a file name")
 
+    # The default budget is what the device plans with (edgecore.device.PLANNING_SHARE of its budget),
+    # so the folder passes the device's check when it brings it (`python -m client --model FOLDER`).
     result = pipeline.compress(
-        args.model, profile, args.data, weight_budget=budget, plan=plan, calib_samples=args.calib_samples,
+        args.model, planning_profile(profile), args.data, weight_budget=budget, plan=plan, calib_samples=args.calib_samples,
         calib_len=args.calib_len, group_size=args.group_size, seed=args.seed,
         cache=None if args.no_cache else pipeline.default_cache(), progress=not args.quiet,
     )

@@ -94,6 +94,53 @@ def check_source(name_or_path: str) -> None:
         smollm2_cache()
 
 
+def is_compressed(name_or_path: str) -> bool:
+    """True for a folder written by `python -m edgecore compress` (or a device's store)."""
+    return _kind(name_or_path) == "compressed"
+
+
+def dense_folder(name_or_path: str, seed: int = 0) -> Path:
+    """A folder holding the dense weights as safetensors, for code that reads them layer by layer.
+
+    SmolLM2 has its safetensors cache; a tiny model is written once to the cache (it is made in
+    code, and small); a Hugging Face folder is itself.
+    """
+    kind = _kind(name_or_path)
+    if kind == "smollm2":
+        return smollm2_cache()
+    if kind == "tiny":
+        target = cache_root() / "models" / f"{name_or_path}-seed{seed}"
+        if not (target / "config.json").is_file():
+            model, tokenizer = _tiny(TINY_MODELS[name_or_path], torch.float32, seed)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+            try:
+                model.save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
+                os.replace(staging, target)
+            except OSError:
+                if not (target / "config.json").is_file():
+                    raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return target
+    if kind == "compressed":
+        raise EdgecoreError(f"{name_or_path} is a compressed model folder: it holds no dense weights")
+    return Path(name_or_path)
+
+
+def source_fingerprint(name_or_path: str, seed: int = 0) -> dict:
+    """What identifies a model's weights without reading them: a name (and seed), or a folder's files."""
+    kind = _kind(name_or_path)
+    if kind == "smollm2":
+        return {"name": SMOLLM2, "sha256": SMOLLM2_SHA256}
+    if kind == "tiny":
+        return {"name": name_or_path, "seed": seed}
+    folder = Path(name_or_path).resolve()
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
+    return {"folder": str(folder), "files": files}
+
+
 def load(
     name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

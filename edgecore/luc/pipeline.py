@@ -12,6 +12,8 @@ explicit budget); and compression in place.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import time
@@ -44,13 +46,24 @@ def default_cache() -> SensitivityCache:
     return SensitivityCache(models.cache_root() / "sensitivity")
 
 
-def calibration_batches(tokenizer, dataset, samples: int = 8, seq_len: int = 128, seed: int = 0) -> list[Batch]:
-    """`samples` training sequences (a seeded draw, so the cache key is stable), in batches of 8."""
+def calibration_samples(dataset, samples: int = 8, seed: int = 0) -> list[datasets.Sample]:
+    """`samples` training samples, a seeded draw (so the cache key is stable)."""
     if not 1 <= samples <= 256:
         raise EdgecoreError(f"calibration samples = {samples} must be in 1..256 (8 to 32 is typical)")
     if len(dataset.train) < samples:
         raise EdgecoreError(f"the training split has {len(dataset.train)} samples, fewer than the {samples} asked for calibration")
-    picked = random.Random(seed).sample(dataset.train, samples)
+    return random.Random(seed).sample(dataset.train, samples)
+
+
+def calibration_fingerprint(dataset, samples: int = 8, seed: int = 0) -> str:
+    """A hash of the calibration samples' text: what a compressed base depends on of the data."""
+    picked = calibration_samples(dataset, samples, seed)
+    return hashlib.sha256(json.dumps([[s.prompt, s.response] for s in picked]).encode()).hexdigest()[:24]
+
+
+def calibration_batches(tokenizer, dataset, samples: int = 8, seq_len: int = 128, seed: int = 0) -> list[Batch]:
+    """`samples` training sequences (calibration_samples), in batches of 8."""
+    picked = calibration_samples(dataset, samples, seed)
     encoder = Encoder(tokenizer, dataset, max_len=seq_len)
     encoded = [encoder.encode(s) for s in picked]
     return [collate(encoded[i : i + CALIBRATION_BATCH], tokenizer.pad_token_id) for i in range(0, samples, CALIBRATION_BATCH)]
