@@ -12,7 +12,7 @@ from client.records import from_record, to_metrics, to_record
 from edgecore import lm
 from edgecore.experiment import Experiment
 from server.evaluation import GlobalModel
-from server.run_folder import RunFolder
+from server.run_folder import RunFolder, clients_within_budget, contribution
 from server.aggregation import ServerOptimizer
 from server.strategy import FleetStrategy
 
@@ -58,6 +58,7 @@ def main(grid: Grid, context: Context) -> None:
             "round": server_round,
             **{f"test_{k}": v for k, v in metrics.items()},
             "round_s": now - round_started[0],
+            "sampled": strategy.round_sampled.get(server_round, []),
             "clients": clients,
             "dropped": strategy.round_dropped.get(server_round, []),
             "bytes_up": sum(c.get("bytes-up", 0) for c in clients),
@@ -86,6 +87,7 @@ def main(grid: Grid, context: Context) -> None:
     final = from_record(result.arrays) or initial  # no round produced an update: the initial adapter stands
     global_model.save(final, run.path / "adapter")
     first, last = run.rounds[0], run.rounds[-1]
+    share = contribution(run.rounds)
     run.write_summary({
         "status": "completed",
         "rounds": experiment.num_rounds,
@@ -97,7 +99,9 @@ def main(grid: Grid, context: Context) -> None:
         "bytes_down_total": sum(r["bytes_down"] for r in run.rounds),
         "adapter": str(run.path / "adapter"),
         "device_accuracy_per_round": _device_accuracy(run.rounds),
-        "clients_within_budget": _within_budget(run.rounds),
+        "clients_within_budget": clients_within_budget(run.rounds),
+        "all_clients_contributed": share["all_contributed"],
+        "contribution": {k: share[k] for k in ("expected", "contributed", "fraction", "missing")},
     })
     log.info("done: %s -> %s; run folder %s", _short(first), _short(last), run.path)
 
@@ -108,18 +112,6 @@ def _device_accuracy(rounds: list[dict]) -> dict:
     for r in rounds:
         for d in r.get("devices", []):
             table.setdefault(d["device"], {})[r["round"]] = d.get("accuracy")
-    return table
-
-
-def _within_budget(rounds: list[dict]) -> dict:
-    """Per device profile: the largest measured job peak of any round against its budget."""
-    table: dict[str, dict] = {}
-    for r in rounds:
-        for c in r["clients"]:
-            if "budget-mb" in c:
-                row = table.setdefault(c["device"], {"budget_mb": c["budget-mb"], "max_job_peak_mb": 0.0})
-                row["max_job_peak_mb"] = max(row["max_job_peak_mb"], c["job-peak-mb"])
-                row["within"] = row["max_job_peak_mb"] <= row["budget_mb"]
     return table
 
 

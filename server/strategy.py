@@ -8,8 +8,11 @@ Per round:
       to the devices that can afford them);
   aggregate_train: every update is checked (server.aggregation.update_problems: only the
       tensors of its assigned window, at its declared rank, finite, not too far from the
-      global); the accepted ones are averaged tensor by tensor over the clients that sent
-      them (partial_average), then the server optimizer (FedAvg / FedProx / FedAdam) steps;
+      global); every sampled client whose update was not accepted is recorded with why: an
+      error reply (its ClientApp raised, or the SuperLink could not reach it), a rejected
+      update, or no reply at all; the accepted ones are averaged tensor by tensor over the
+      clients that sent them (partial_average), then the server optimizer (FedAvg / FedProx /
+      FedAdam) steps;
       the votes become next round's global exit weights and the layer importance and the
       trained layers go into the ledger;
   configure/aggregate_evaluate: every client with a compressed base scores the new global
@@ -37,8 +40,8 @@ log = logging.getLogger(__name__)
 class FleetStrategy(FedAvg):
     """FedAvg's sampling and round loop with the aggregation of the module docstring.
 
-    What each client reported, and which updates were rejected and why, is kept per round for
-    the run folder; with keep_updates, every accepted update too.
+    What each client reported, and which sampled clients did not contribute and why, is kept per
+    round for the run folder; with keep_updates, every accepted update too.
     """
 
     def __init__(self, *, exits: tuple[int, ...], layers: int, optimizer: aggregation.ServerOptimizer,
@@ -49,7 +52,10 @@ class FleetStrategy(FedAvg):
         self.global_arrays: dict = {}
         self.round_updates: dict[int, dict[int, dict]] = {}  # round -> node -> arrays, when kept
         self.round_clients: dict[int, list[dict]] = {}
-        self.round_dropped: dict[int, list[dict]] = {}
+        self.round_dropped: dict[int, list[dict]] = {}  # round -> node_id, device, cause, reason of each non-contributor
+        self.round_sampled: dict[int, list[int]] = {}  # round -> the nodes sent a train instruction
+        self.sent: list[Message] = []  # this round's train instructions; the grid gives each its message id
+        self.node_devices: dict[int, str] = {}  # node -> the device profile any of its replies named
         self.exits = tuple(exits)
         self.ledger = aggregation.LayerLedger(layers)
         self.optimizer = optimizer
@@ -68,7 +74,9 @@ class FleetStrategy(FedAvg):
                  if self.nodes.get(m.metadata.dst_node_id, {}).get("window")}
         self.assigned = self.ledger.assign_windows(known, self.exits, self.exit_weights) if known and self.exits else {}
         self.round_assignments[server_round] = dict(self.assigned)
-        return [self._train_message(m.metadata.dst_node_id, config, server_round) for m in messages]
+        self.sent = [self._train_message(m.metadata.dst_node_id, config, server_round) for m in messages]
+        self.round_sampled[server_round] = [m.metadata.dst_node_id for m in self.sent]
+        return self.sent
 
     def _train_message(self, node: int, config: ConfigRecord, server_round: int) -> Message:
         values = {**dict(config), "server-round": server_round}
@@ -82,16 +90,33 @@ class FleetStrategy(FedAvg):
         return Message(content=content, message_type="train", dst_node_id=node)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, clients, dropped = [], [], []
+        replies = list(replies)
+        # The SuperLink answers for a node it could not reach under its own node id (1), so a reply
+        # is matched to the instruction it answers; replies to no instruction (a strategy driven
+        # without configure_train) name their node themselves.
+        owner = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent if m.metadata.message_id}
+        self.sent = []
+        sampled = self.round_sampled.setdefault(server_round, [r.metadata.src_node_id for r in replies])
+        accepted, clients, dropped, answered = [], [], [], set()
         for reply in replies:
-            node = reply.metadata.src_node_id
-            reasons = [f"client error: {_last_line(reply.error.reason)}"] if reply.has_error() else self.problems_of(node, reply.content)
+            node = owner.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if node not in sampled or node in answered:
+                log.warning("round %d: ignored a reply from node %d: not sampled, or a second reply", server_round, node)
+                continue
+            answered.add(node)
+            device = "" if reply.has_error() else _device(reply.content)
+            if device:
+                self.node_devices[node] = device
+            if reply.has_error():
+                cause, reasons = "error", [f"client error: {_last_line(reply.error.reason)}"]
+            else:
+                cause, reasons = "rejected", self.problems_of(node, reply.content)
             if reasons:
-                log.warning("round %d: rejected the update of node %d: %s", server_round, node, "; ".join(reasons))
-                dropped.append({"node_id": node, "reason": "; ".join(reasons)})
+                log.warning("round %d: no update from node %d (%s): %s", server_round, node, cause, "; ".join(reasons))
+                dropped.append({"node_id": node, "device": self.node_devices.get(node, ""), "cause": cause,
+                                "reason": "; ".join(reasons)})
                 continue
             metrics = dict(reply.content["metrics"])
-            device = dict(reply.content["device"]).get("device", "") if "device" in reply.content.config_records else ""
             update = from_record(reply.content["arrays"])
             accepted.append((update, metrics))
             clients.append({"node_id": node, "device": device, "assigned_exit": self.assigned.get(node), **metrics})
@@ -99,6 +124,11 @@ class FleetStrategy(FedAvg):
                                 "device": device, "compressed": bool(metrics.get("compressed", 0))}
             if self.keep_updates:
                 self.round_updates.setdefault(server_round, {})[node] = update
+        for node in sampled:
+            if node not in answered:
+                log.warning("round %d: node %d sent no reply", server_round, node)
+                dropped.append({"node_id": node, "device": self.node_devices.get(node, ""), "cause": "no-reply",
+                                "reason": "no reply before the round's timeout"})
         self.round_clients[server_round] = clients
         self.round_dropped[server_round] = dropped
         if not accepted:
@@ -161,13 +191,22 @@ class FleetStrategy(FedAvg):
                 log.warning("round %d: node %d could not evaluate: %s", server_round, reply.metadata.src_node_id,
                             _last_line(reply.error.reason))
                 continue
-            device = dict(reply.content["device"]).get("device", "") if "device" in reply.content.config_records else ""
+            device = _device(reply.content)
+            if device:
+                self.node_devices[reply.metadata.src_node_id] = device
             results.append({"node_id": reply.metadata.src_node_id, "device": device, **dict(reply.content["metrics"])})
         self.round_devices[server_round] = results
+        for failure in self.round_dropped.get(server_round, []):  # a client that failed to train may still evaluate
+            failure["device"] = failure["device"] or self.node_devices.get(failure["node_id"], "")
         if not results:
             return None
         total = sum(r["num-examples"] for r in results)
         return MetricRecord({"accuracy": sum(r.get("accuracy", 0.0) * r["num-examples"] for r in results) / total})
+
+
+def _device(content: RecordDict) -> str:
+    """The device profile a reply names ("" when it names none)."""
+    return str(dict(content["device"]).get("device", "")) if "device" in content.config_records else ""
 
 
 def _last_line(reason: str) -> str:

@@ -117,6 +117,7 @@ def test_simulation_averages_client_updates_weighted_by_examples():
     rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(len(r["clients"]) == 2 and not r["dropped"] for r in rounds[1:])
+    assert all(sorted(r["sampled"]) == sorted(c["node_id"] for c in r["clients"]) for r in rounds[1:])
     assert all(c["bytes-up"] > 0 and c["peak-rss-mb"] > 0 for r in rounds[1:] for c in r["clients"])
 
     # The round-1 global adapter is the example-weighted mean of the updates the server kept.
@@ -137,6 +138,7 @@ def test_simulation_averages_client_updates_weighted_by_examples():
     assert isinstance(PeftModel.from_pretrained(base, run / "adapter"), PeftModel)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and set(summary["metric_per_round"]) == {"0", "1", "2"}
+    assert summary["all_clients_contributed"] is True and summary["contribution"]["fraction"] == 1.0
 
 
 def _start(*args):
