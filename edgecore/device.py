@@ -161,7 +161,8 @@ def check_compressed_base(folder: Path | str, profile: DeviceProfile, budget_mb:
                           plan: StepPlan | None = None) -> luc.Policy:
     """A base compressed elsewhere, checked against the device: its bit-widths and sparsities are
     ones the profile runs, and its weights leave room for a one-layer tuning step in the budget
-    (`plan`'s batch and LoRA; LUC's default tuning step when the run's is not known yet)."""
+    (`plan`'s batch and LoRA; one sequence of 128 tokens when the run's step is not known yet, as
+    before a client connects: the ClientApp checks again with the run's step)."""
     policy = luc.read_policy(folder)
     allowed = {(c.sparsity, c.pattern, c.bits) for c in pipeline.profile_candidates(profile)}
     wrong = sorted({c.label for c in policy.layers if not c.is_dense and (c.sparsity, c.pattern, c.bits) not in allowed})
@@ -173,7 +174,7 @@ def check_compressed_base(folder: Path | str, profile: DeviceProfile, budget_mb:
                             f"{profile.name} does not run; compress it with --device {profile.name}")
     budget_mb = profile.memory_budget_mb * PLANNING_SHARE if budget_mb is None else budget_mb
     shape = ModelShape.from_name(str(folder))
-    plan = replace(plan or luc.default_tuning_plan(shape), weight_bytes=policy.weight_bytes, packed_weights=True)
+    plan = replace(plan or luc.default_tuning_plan(shape, batch=1), weight_bytes=policy.weight_bytes, packed_weights=True)
     need = estimate_step(shape, one_layer_step(shape, plan)).total_mb
     if need > budget_mb:
         raise EdgecoreError(f"{folder}: its {policy.weight_bytes / MIB:.0f} MB of weights and a one-layer tuning step "
