@@ -113,6 +113,7 @@ def prefill(costs: CostTable, model, workload: Workload, model_key: str, seconds
                         costs.entries[CostTable.kernel_key(kernel, fmt, r, role)] = seconds(kernel.name, fmt, r, role)
     costs.entries[f"rest|{model_key}|{workload.key}"] = rest
     costs.entries["stream|seconds_per_byte"] = 1e-9
+    costs.entries[CostTable.STREAM_READ_KEY], costs.entries[CostTable.STREAM_BYTE_KEY] = 0.0, 1e-9
 
 
 class PrefilledCosts(CostTable):

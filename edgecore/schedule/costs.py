@@ -5,7 +5,8 @@ values, the same storage), on demand: forward only for the `infer` role, forward
 backward to the input for `train`. `rest_seconds` times a workload on the real model with
 every scheduled weight replaced by a stub that returns zeros: attention, norms, activations,
 LoRA, the exit adapters and the Python around them. A plan's predicted time is the rest plus
-its kernels' times; the benchmark compares that with the measured time.
+its kernels' times (and, for layers streamed from disk, what each read of one adds to a run:
+`stream_read_seconds`); the benchmark compares that with the measured time.
 
 Tables are JSON files under $EDGECORE_CACHE/schedule, one per device profile and machine
 (CPU model, cores, torch version and threads: a timing from another machine means nothing
@@ -33,6 +34,7 @@ from edgecore.luc.table import QuantizedHead, QuantizedTable
 from edgecore.measure import machine
 from edgecore.schedule.formats import WeightFormat, WeightSource, source_of
 from edgecore.schedule.kernels import Kernel
+from edgecore.schedule.streaming import measure_read_cost
 from edgecore.schedule.workload import INFER, Workload
 
 log = logging.getLogger(__name__)
@@ -159,17 +161,19 @@ class CostTable:
             x.grad = None
         return time_call(step)
 
-    def stream_seconds_per_byte(self) -> float:
-        """Seconds per byte to read a streamed layer back from its file (edgecore.schedule.streaming)."""
-        from edgecore.schedule.streaming import read_seconds_per_byte
+    # Keys of the streaming price. Tables from before it hold "stream|seconds_per_byte" (a bare
+    # 16 MB read, which missed the per-read costs): it is left unread, and these are measured.
+    STREAM_READ_KEY, STREAM_BYTE_KEY = "stream|seconds_per_read", "stream|seconds_per_read_byte"
 
-        key = "stream|seconds_per_byte"
-        if key not in self.entries:
+    def stream_read_seconds(self) -> tuple[float, float]:
+        """(seconds per read, seconds per byte) a streamed layer adds to a run (`streaming.measure_read_cost`),
+        measured once and cached."""
+        if self.STREAM_READ_KEY not in self.entries or self.STREAM_BYTE_KEY not in self.entries:
             started = time.perf_counter()
-            self.entries[key] = read_seconds_per_byte()
+            self.entries[self.STREAM_READ_KEY], self.entries[self.STREAM_BYTE_KEY] = measure_read_cost()
             self.seconds_measuring += time.perf_counter() - started
             self.measured_now += 1
-        return self.entries[key]
+        return self.entries[self.STREAM_READ_KEY], self.entries[self.STREAM_BYTE_KEY]
 
     # -- the rest of the model -------------------------------------------------------------------
 

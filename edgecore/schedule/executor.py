@@ -9,7 +9,8 @@ window), and only kernels that allow it are used then; otherwise the plan's no-g
 runs. A role the plan did not price falls back to LUC's own forward. Streamed layers
 (`streaming.LayerStream`) are set up here too, and the packed weights of layers whose kernels
 keep their own copy are parked on disk (`streaming.Spill`) until the plan is taken out. `uninstall()` (or leaving the `with` block)
-restores the model exactly as it was.
+restores the model exactly as it was, and `install()` may put the plan back in again (`guard.PlanCheck` swaps it
+in and out between training steps).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ costs no more memory than LUC's own.
 Predicted peak = stored weights (less those streamed or parked) + kernels' kept state + what autograd
 keeps for the window + the largest per-call transient + the workload's own memory
 (activations, adapters, optimizer state, KV cache: `edgecore.memory` for a training step).
-Predicted time = the measured rest of the model + each weight's kernel times (`costs`).
+Predicted time = the measured rest of the model + each weight's kernel times (`costs`) + for each
+streamed layer, per run, a measured fixed cost per read plus its bytes at the measured rate.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class Plan:
     rest_seconds: float
     choices: list[Choice]
     layers: int  # decoder layers of the model
-    stream_seconds_per_byte: float = 0.0
+    stream_seconds_per_read: float = 0.0  # a streamed layer's read: fixed cost (costs.stream_read_seconds)
+    stream_seconds_per_byte: float = 0.0  # and per byte read
 
     # -- predictions -----------------------------------------------------------------------------
 
@@ -108,16 +110,23 @@ class Plan:
         return (resident + window + self.workload_bytes + sum(c.held_bytes(c.option) for c in self.choices)
                 + max((c.option.transient_bytes for c in self.choices), default=0))
 
-    def choice_seconds(self, choice: Choice) -> float:
-        stream = choice.stored_bytes * self.stream_seconds_per_byte * self._runs(choice) if choice.streamed else 0.0
-        return choice.option.seconds + stream
+    def layer_stream_seconds(self, layer: int) -> float:
+        """Seconds streamed `layer` adds per run of the workload: one read per run of the layer, a fixed cost
+        (opening the file, placing the tensors, the prefetch thread's contention) plus its bytes."""
+        runs = sum(c.count for c in self.workload.layer_calls(layer, self.layers))
+        return runs * (self.stream_seconds_per_read + self._layer_stored(layer) * self.stream_seconds_per_byte)
 
-    def _runs(self, choice: Choice) -> int:
-        return sum(c.count for c in self.workload.layer_calls(choice.layer, self.layers))
+    def choice_seconds(self, choice: Choice) -> float:
+        """The weight's kernel time, plus its share (by bytes) of its layer's reads when it streams."""
+        if not choice.streamed:
+            return choice.option.seconds
+        share = choice.stored_bytes / (self._layer_stored(choice.layer) or 1)
+        return choice.option.seconds + share * self.layer_stream_seconds(choice.layer)
 
     @property
     def predicted_seconds(self) -> float:
-        return self.rest_seconds + sum(self.choice_seconds(c) for c in self.choices)
+        return (self.rest_seconds + sum(c.option.seconds for c in self.choices)
+                + sum(self.layer_stream_seconds(layer) for layer in self.streamed_layers))
 
     @property
     def fits(self) -> bool:
@@ -138,6 +147,7 @@ class Plan:
             "predicted_s": self.predicted_seconds, "predicted_peak_mb": self.peak_bytes / MIB,
             "stored_mb": self.stored_bytes / MIB, "workload_mb": self.workload_bytes / MIB,
             "rest_s": self.rest_seconds, "streamed_layers": self.streamed_layers,
+            "stream_s": sum(self.layer_stream_seconds(layer) for layer in self.streamed_layers),
             "parked_mb": sum(c.stored_bytes for c in self.choices if c.parked) / MIB, "kernels": self.kernel_counts(),
         }
 
@@ -311,8 +321,7 @@ def _stream_move(result: Plan, frozen: list[int], costs: CostTable) -> tuple[lis
     waiting = [layer for layer in frozen if not any(c.streamed for c in result.choices if c.layer == layer)]
     if not waiting:
         return None
-    if result.stream_seconds_per_byte == 0.0:
-        result.stream_seconds_per_byte = costs.stream_seconds_per_byte()
+    result.stream_seconds_per_read, result.stream_seconds_per_byte = costs.stream_read_seconds()
     peak, seconds = result.peak_bytes, result.predicted_seconds
     for count in range(1, min(3, len(waiting)) + 1):
         before = _set_streamed(result, waiting[:count])

@@ -8,11 +8,13 @@ layer computes, a background thread reads the next streamed layer (in running or
 round to the first for the next step or token), so at most two streamed layers are resident.
 Each read opens the file anew: a mapping kept open would leave every page it touched counted
 in the process's resident memory. Only layers that run without gradient may stream: nothing is
-kept for a backward pass.
+kept for a backward pass. `measure_read_cost` prices a read for the planner, through this same
+machinery.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -129,15 +131,74 @@ class LayerStream:
         self.spill.close()
 
 
-def read_seconds_per_byte(nbytes: int = 16 * 2**20) -> float:
-    """Seconds per byte to read a tensor back the way `LayerStream` does (through the page cache here)."""
-    with tempfile.TemporaryDirectory(prefix="edgecore-stream-") as folder:
-        path = Path(folder) / FILE_NAME
-        save_file({"probe": torch.zeros(nbytes, dtype=torch.uint8)}, str(path))
-        times = []
-        for _ in range(4):
-            started = time.perf_counter()
-            with safe_open(str(path), framework="pt") as file:
-                file.get_tensor("probe")
-            times.append(time.perf_counter() - started)
-        return sorted(times)[len(times) // 2] / nbytes
+# The read probe (`measure_read_cost`), sized after SmolLM2-135M, the model the edge devices run.
+PROBE_TENSORS = 21  # packed buffers of one decoder layer: 7 linears x (qweight, scale, zero)
+PROBE_BYTES = (64 * 2**10, 2 * 2**20)  # a small group, and one 4-bit layer (3.5 M weights + fp16 scales: ~2 MB)
+PROBE_LAYERS = 4  # streamed in turn: each read runs in the background while the layer before computes
+PROBE_ROWS, PROBE_WIDTH = 64, 512  # each layer's compute on torch's threads: ~0.3 ms on 2 cores, about a read's time
+PROBE_PAIRS = (3, 9)  # paired runs (resident, then streamed) per size: their median difference shrugs off other load
+PROBE_SECONDS = 0.25  # past the first 3 pairs, stop after this long: a loaded machine still measures in about a second
+
+
+class _ProbeStorage(PackedStorage):
+    def __init__(self, nbytes: int):
+        super().__init__()
+        self.register_buffer("qweight", torch.full((nbytes,), 7, dtype=torch.uint8))
+
+
+class _ProbeLayer(nn.Module):
+    """A decoder layer's packed buffers (`PROBE_TENSORS` of them) and a matmul the prefetch thread contends with."""
+
+    def __init__(self, nbytes: int, weight: torch.Tensor):
+        super().__init__()
+        self.parts = nn.ModuleList(_ProbeStorage(max(nbytes // PROBE_TENSORS, 1)) for _ in range(PROBE_TENSORS))
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.weight)
+
+
+def _seconds_added_per_read(nbytes: int) -> float:
+    """Seconds a run of `PROBE_LAYERS` layers of `nbytes` takes longer streamed than resident, per layer read."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(PROBE_WIDTH, PROBE_WIDTH, generator=generator) / PROBE_WIDTH ** 0.5
+    x = torch.randn(PROBE_ROWS, PROBE_WIDTH, generator=generator)
+    resident = [_ProbeLayer(0, weight) for _ in range(PROBE_LAYERS)]  # the same compute, next to no bytes
+    streamed = [_ProbeLayer(nbytes, weight) for _ in range(PROBE_LAYERS)]
+
+    def seconds(layers) -> float:
+        started = time.perf_counter()
+        with torch.no_grad():
+            h = x
+            for layer in layers:
+                h = layer(h)
+        return time.perf_counter() - started
+
+    with tempfile.TemporaryDirectory(prefix="edgecore-stream-") as folder:  # where the executor spills by default
+        stream = LayerStream(streamed, list(range(PROBE_LAYERS)), folder)
+        try:
+            seconds(resident), seconds(streamed)  # warm-up: thread pool, allocator, page cache
+            least, most = PROBE_PAIRS
+            added, started = [], time.perf_counter()
+            while len(added) < least or (len(added) < most and time.perf_counter() - started < PROBE_SECONDS):
+                added.append(seconds(streamed) - seconds(resident))
+        finally:
+            stream.close()
+    return max(statistics.median(added), 0.0) / PROBE_LAYERS
+
+
+def measure_read_cost() -> tuple[float, float]:
+    """(seconds per read, seconds per byte) that streaming a layer adds to a run, measured on this machine.
+
+    A synthetic read of one large tensor priced only the bytes (16 MB at page-cache speed), and a
+    plan predicted at 1.26 s ran 9.73 s (40 streamed reads; LUC's own 2.04 s): a read also opens
+    the file, parses its header, copies every tensor out one by one, places them in the modules,
+    and its background thread contends with the compute on few cores. So the probe streams
+    layer-sized groups of tensors through `LayerStream` itself, next to a compute, and takes what
+    that adds to a run at two sizes: the line through them gives a fixed cost per read and a cost
+    per byte. Takes a fraction of a second (a second on a loaded 2-core machine).
+    """
+    small, large = PROBE_BYTES
+    added_small, added_large = (_seconds_added_per_read(n) for n in PROBE_BYTES)
+    per_byte = max(added_large - added_small, 0.0) / (large - small)
+    return max(added_small - per_byte * small, 0.0), per_byte
