@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from client.device import device_model, device_spec
+from edgecore.device import plan_check
 from client.pipeline import ClientData, partition_of, round_metrics
 from edgecore import data, measure, wire
 from edgecore.encoding import Encoder
@@ -71,11 +72,13 @@ def edge_round(
     encoder = Encoder(dev.tokenizer, dataset, max_len=experiment.seq_len)
     measure.make_resident(dev.model)
     rss_before = measure.rss_mb()
+    check = plan_check(dev, experiment.local_steps)  # the plan's first real steps against its prediction
     result = adaptive.tune(
         dev.model, dev.exits, dev.depth, encoder, list(samples), validation,
         replace(experiment.train_settings(server_round), precision=dev.compute_precision),
-        exit_weights=assignment.exit_weights, assigned_exit=assignment.exit_layer, progress=False,
+        exit_weights=assignment.exit_weights, assigned_exit=assignment.exit_layer, progress=False, on_step=check,
     )
+    verdict = check.finish() if check else None
     trained_layers = {layer for layer, steps in enumerate(result.layer_steps) if steps}
     trained_exits = {record["exit"] for record in result.history}
     arrays = {k: v for k, v in wire.adapter_arrays(dev.model).items() if wire.layer_of(k) in trained_layers}
@@ -85,7 +88,9 @@ def edge_round(
         "estimate-mb": dev.depth.estimate_mb,
         "budget-mb": device.profile.memory_budget_mb,
         "compressed": int(dev.compressed),
-        "scheduled": int(dev.executor is not None),  # the base runs through edgecore.schedule's kernels
+        "scheduled": int(dev.executor is not None and dev.executor.installed),  # edgecore.schedule's kernels run it
+        "plan-checked": int(verdict is not None),
+        "plan-measured-s": verdict.plan_s if verdict else 0.0,
         "predicted-step-s": (dev.schedule or {}).get("predicted_s", 0.0),
         "prepare-s": prepare_s,
         "from-disk": int(dev.from_disk),  # the compressed base came from the device's disk, not compressed now

@@ -51,6 +51,7 @@ from edgecore.memory import HEAP_THRESHOLD_BYTES, MIB, ModelShape, StepPlan, est
 from edgecore.profiles import LOCAL, DeviceProfile
 from edgecore.schedule.costs import CostTable, model_key
 from edgecore.schedule.executor import Executor
+from edgecore.schedule.guard import CHECK_STEPS, WARMUP_STEPS, PlanCheck, Verdict, should_install, verdict_path
 from edgecore.schedule.planner import Plan
 from edgecore.schedule.planner import plan as make_plan
 from edgecore.schedule.workload import Workload
@@ -286,12 +287,6 @@ def _install_plan(dev: DeviceModel, plan: StepPlan, store: DeviceStore) -> None:
     """Install the execution plan for the training steps (evaluation reuses its no-grad kernels),
     unless none fits or this device already measured it slower than LUC's own kernels."""
     profile = dev.profile
-    verdict = dev.store.verdict() if dev.store else None
-    if verdict is not None and verdict.get("kept") == "luc":
-        log.info("device %s: its plan measured slower than LUC's own kernels before (%s); LUC's run", profile.name,
-                 verdict.get("reason", ""))
-        dev.schedule = {"verdict": verdict}
-        return
     workload = Workload.train(plan.batch, plan.seq_len, dev.depth.layers, exits=tuple(dev.exits.layers))
     costs = CostTable.for_profile(profile.name)
     try:
@@ -299,11 +294,35 @@ def _install_plan(dev: DeviceModel, plan: StepPlan, store: DeviceStore) -> None:
     except EdgecoreError as err:
         log.warning("device %s: no execution plan (%s); LUC's own kernels run", profile.name, err)
         return
-    dev.executor = Executor(dev.model, chosen).install()
     dev.schedule = {**chosen.summary(), "luc_predicted_s": luc_only.predicted_seconds}
+    verdict = _verdict(chosen)
+    if not should_install(verdict, chosen):
+        log.info("device %s: this plan measured slower than LUC's own kernels here before (%.2f against %.2f s a "
+                 "step); LUC's own run", profile.name, verdict.plan_s, verdict.luc_s or 0.0)
+        dev.schedule["verdict"] = verdict.to_dict()
+        return
+    dev.executor = Executor(dev.model, chosen).install()
     log.info("device %s: scheduled %s: predicted %.2f s per step (LUC's own %.2f s), peak %.0f of %.0f MB; "
              "%.0f s measuring costs", profile.name, workload.label, chosen.predicted_seconds, luc_only.predicted_seconds,
              chosen.peak_bytes / MIB, chosen.budget_bytes / MIB, costs.seconds_measuring)
+
+
+def _verdict(chosen: Plan) -> Verdict | None:
+    try:
+        return Verdict.load(verdict_path(chosen))
+    except EdgecoreError as err:
+        log.warning("%s; checking the plan again", err)
+        return None
+
+
+def plan_check(dev: DeviceModel, steps: int) -> PlanCheck | None:
+    """The check of the installed plan's first real steps (None when none runs or it was checked), sized so that
+    a round of `steps` steps can time the plan and LUC's own kernels after a warm-up step each: every
+    Flower message is a fresh process, so a check must end within one round."""
+    if dev.executor is None or not dev.executor.installed or _verdict(dev.executor.plan) is not None:
+        return None  # no plan running, or this one was measured here already
+    timed = max(1, min(CHECK_STEPS, (steps - 2 * WARMUP_STEPS) // 2))
+    return PlanCheck(dev.executor, dev.schedule["luc_predicted_s"], steps=timed, path=verdict_path(dev.executor.plan))
 
 
 def execution_plan(dev: DeviceModel, workload: Workload, costs: CostTable, plan: StepPlan,

@@ -8,9 +8,9 @@ compresses). A folder is built under a temporary name and renamed into place onl
 manifest (every file's size and sha256) is written, so a crash leaves no folder that looks
 whole; a folder whose files disagree with its manifest is removed and built again.
 
-Beside the base lives the verdict of its execution plan's first real steps
-(edgecore.schedule.guard), so a later process does not install a plan this device measured
-slower than LUC's own kernels.
+The execution plan needs no copy here: it is derived again from the cost table, which
+edgecore.schedule keeps on disk per profile and machine with every timing, and so is the
+verdict of the plan's first real steps (edgecore.schedule.guard).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from edgecore import models
 
 log = logging.getLogger(__name__)
 
-MANIFEST, BUILD, VERDICT = "manifest.json", "build.json", "verdict.json"
+MANIFEST, BUILD = "manifest.json", "build.json"
 FORMAT = 1  # bump when the folder's layout changes
 _CODE = Path(__file__).resolve().parent
 
@@ -62,20 +62,6 @@ class StoredBase:
     folder: Path
     key: str
     build: dict  # how it was built (seconds, peak_mb, streamed, ...), from build.json
-
-    def verdict(self) -> dict | None:
-        """The stored verdict of the execution plan's first steps, or None."""
-        path = self.folder.parent / f"{self.key}.{VERDICT}"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def save_verdict(self, verdict: dict) -> None:
-        path = self.folder.parent / f"{self.key}.{VERDICT}"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(verdict, indent=1))
-        tmp.replace(path)
 
 
 class DeviceStore:
