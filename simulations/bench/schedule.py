@@ -1,7 +1,8 @@
 """`schedule`: LUC's dequantize-in-forward against scheduled execution, with dense bf16 as the speed reference.
 
-SmolLM2-135M compressed by LUC (quick grid, sensitivity cached) for two shipped profiles,
-each configuration in a fresh process, all in one run:
+SmolLM2-135M made ready by edgecore.device.prepare for two shipped profiles (LUC, quick grid,
+sensitivity cached; the window the device's planning budget fits), each configuration in a
+fresh process, all in one run:
   (a) luc: the compressed model as LUC runs it (every packed layer rebuilt at every call);
   (b) scheduled: the same model through the plan the measured cost table picks, within the
       profile's budget and at most (a)'s predicted peak;
@@ -21,11 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgecore.luc import compress as luc
-from edgecore.luc.pipeline import compress, default_cache, grid_candidates
-from edgecore.memory import MIB, ModelShape, StepPlan
+from edgecore.device import DeviceSpec, prepare
+from edgecore.device_store import DeviceStore
+from edgecore.errors import EdgecoreError
+from edgecore.finetune import LoraSettings
+from edgecore.memory import MIB
 from edgecore.profiles import resolve_profile
-from edgecore.tuning.window import window_depth
 from simulations.bench import benchmark, in_fresh_process, target
 
 WORKER = "simulations.bench.schedule_worker"
@@ -38,27 +40,26 @@ def _say(message: str) -> None:
     print(f"[schedule {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _compressed(model: str, profile_name: str, folder: Path) -> tuple[Path, int]:
-    profile = resolve_profile(profile_name)
-    shape = ModelShape.from_name(model)
-    result = compress(model, profile, "bbc", plan=luc.default_tuning_plan(shape, PROFILES[profile_name], SEQ_LEN),
-                      calib_samples=2, cache=default_cache(), progress=False, candidates=grid_candidates(profile, "quick"))
-    out = luc.save_compressed(folder / profile_name, result.model, result.tokenizer, result.policy)
-    return out, result.policy.weight_bytes
+def _device(model: str, profile_name: str, store: DeviceStore):
+    """The device's model as a client prepares it (edgecore.device): its compressed base and window."""
+    spec = DeviceSpec(model, resolve_profile(profile_name), LoraSettings(), batch_size=PROFILES[profile_name],
+                      seq_len=SEQ_LEN, calib_samples=2, schedule=False)
+    dev = prepare(spec, store)
+    if not dev.compressed:
+        raise EdgecoreError(f"{model} stays dense on {profile_name}: this benchmark compares compressed execution")
+    return dev
 
 
 @benchmark("schedule")
 def run(options: dict) -> dict:
     model = options["model"]
-    shape = ModelShape.from_name(model)
     results, targets, ratios = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for profile_name, batch in PROFILES.items():
             profile = resolve_profile(profile_name)
-            _say(f"compressing {model} for {profile_name}")
-            folder, weight_bytes = _compressed(model, profile_name, Path(tmp))
-            step = StepPlan(batch=batch, seq_len=SEQ_LEN, weight_bytes=weight_bytes, packed_weights=True, allocator="returning")
-            depth = window_depth(shape, step, profile.memory_budget_mb).layers
+            _say(f"preparing {model} for {profile_name}")
+            dev = _device(model, profile_name, DeviceStore(Path(tmp) / "devices"))
+            folder, weight_bytes, depth = dev.store.folder, int(dev.policy["weights_mb"] * MIB), dev.depth.layers
             workloads = {"train": {"kind": "train", "batch": batch, "seq_len": SEQ_LEN, "depth": depth},
                          "decode": {"kind": "decode", "batch": 1, "seq_len": PROMPT, "new_tokens": NEW_TOKENS}}
             costs = str(Path(tmp) / f"costs-{profile_name}.json")

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from edgecore import measure, models  # the imports set the runtime floor
-from edgecore.finetune import LoraSettings
-from edgecore.luc.compress import load_compressed
+from edgecore import device, measure, models  # the imports set the runtime floor
+from edgecore.finetune import LoraSettings, add_lora
 from edgecore.memory import MIB, limit_heap_fragmentation
-from edgecore.schedule.cli import prepare
-from edgecore.schedule.costs import CostTable
+from edgecore.profiles import resolve_profile
+from edgecore.schedule.costs import CostTable, model_key
+from edgecore.tuning.adaptive import stored_weight_bytes
 from edgecore.schedule.executor import Executor
 from edgecore.schedule.planner import plan
 from edgecore.schedule.workload import Workload
@@ -35,22 +35,26 @@ def main() -> None:
     limit_heap_fragmentation()  # every configuration alike: freed memory goes back to the OS
     floor_mb = measure.rss_mb()
     mode, shape = config["mode"], config["workload"]
-    if mode == "dense-bf16":
+    lora = LoraSettings()
+    if mode == "dense-bf16":  # the speed reference, not a device: the dense model in bf16
         model, _tokenizer = models.load(config["model"])
-        name = config["model"]
-    else:
-        model, _tokenizer, policy = load_compressed(config["folder"], owned=True)
-        name = f"{policy.model}-{config['profile']}"
-    measure.make_resident(model)
-    prepared = prepare(model, name, LoraSettings(), shape["batch"], shape["seq_len"])
-    peft_model = prepared.model
-    if mode == "dense-bf16":
-        peft_model.to(torch.bfloat16)
+        peft_model, name = add_lora(model, lora).to(torch.bfloat16), config["model"]
+        step = device.step_plan(device.DeviceSpec(config["model"], resolve_profile(config["profile"]), lora), "bf16")
+    else:  # the compressed base as the device loads it from its store (a carried base, checked against the profile)
+        spec = device.DeviceSpec(config["folder"], resolve_profile(config["profile"]), lora, batch_size=shape["batch"],
+                                 seq_len=shape["seq_len"], schedule=False)
+        dev = device.prepare(spec)
+        peft_model, name = dev.model, config["folder"]
+        step = replace(device.step_plan(spec, dev.precision), weight_bytes=stored_weight_bytes(peft_model),
+                       packed_weights=True)
+    limit_heap_fragmentation()  # again after prepare's own setting: every configuration alike
+    measure.make_resident(peft_model)
+    key = model_key(name, lora.r, lora.targets)
     workload = Workload(**shape)
     costs = CostTable.load(config["costs"]) if Path(config["costs"]).exists() else CostTable(Path(config["costs"]), config["profile"])
-    step_plan = replace(prepared.step_plan, window=None)
+    step_plan = replace(step, window=None)
     started = time.perf_counter()
-    luc_plan = plan(peft_model, workload, costs, model_key=prepared.name, step_plan=step_plan, allowed={"luc-dequant"})
+    luc_plan = plan(peft_model, workload, costs, model_key=key, step_plan=step_plan, allowed={"luc-dequant"})
     result = {"config": config["name"], "mode": mode, "profile": config["profile"], "workload": workload.label,
               "floor_mb": floor_mb, "luc_plan_peak_mb": luc_plan.peak_bytes / MIB}
     chosen = luc_plan
@@ -59,7 +63,7 @@ def main() -> None:
         budget = int(config["budget_mb"] * MIB)
         if not config.get("streaming"):
             budget = min(budget, luc_plan.peak_bytes)  # at no more than LUC's memory
-        chosen = plan(peft_model, workload, costs, budget_bytes=budget, model_key=prepared.name, step_plan=step_plan)
+        chosen = plan(peft_model, workload, costs, budget_bytes=budget, model_key=key, step_plan=step_plan)
         executor = Executor(peft_model, chosen).install()
         result.update(budget_mb=budget / MIB, plan=chosen.summary(), state_mb=executor.state_bytes / MIB)
     result.update(planning_s=time.perf_counter() - started, costs_measured_now=costs.measured_now,
