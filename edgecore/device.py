@@ -48,7 +48,7 @@ from edgecore.finetune import LoraSettings, TrainSettings, add_lora
 from edgecore.luc import compress as luc
 from edgecore.luc import pipeline
 from edgecore.memory import HEAP_THRESHOLD_BYTES, MIB, ModelShape, StepPlan, estimate_step, limit_heap_fragmentation
-from edgecore.profiles import LOCAL, DeviceProfile
+from edgecore.profiles import DeviceProfile
 from edgecore.schedule.costs import CostTable, model_key
 from edgecore.schedule.executor import Executor
 from edgecore.schedule.guard import CHECK_STEPS, WARMUP_STEPS, PlanCheck, Verdict, should_install, verdict_path
@@ -193,8 +193,6 @@ def prepare(spec: DeviceSpec, store: DeviceStore | None = None) -> DeviceModel:
     if compute != precision:
         log.warning("device %s computes in %s; this host has no native %s, so it computes in %s (the plan stays %s)",
                     profile.name, precision, precision, compute, precision)
-    if profile.name == LOCAL and spec.precision == "auto":
-        compute = precision  # the host is the device: detect_local already chose from its CPU
     plan = step_plan(spec, precision)
     budget_mb = spec.planning_budget_mb
     store = store or DeviceStore.default()
