@@ -47,6 +47,7 @@ from edgecore.errors import EdgecoreError
 from edgecore.finetune import LoraSettings, TrainSettings, add_lora
 from edgecore.luc import compress as luc
 from edgecore.luc import pipeline
+from edgecore.luc.streamed import compress_streamed
 from edgecore.memory import HEAP_THRESHOLD_BYTES, MIB, ModelShape, StepPlan, estimate_step, limit_heap_fragmentation
 from edgecore.profiles import DeviceProfile
 from edgecore.schedule.costs import CostTable, model_key
@@ -265,11 +266,10 @@ def _compress(spec: DeviceSpec, shape: ModelShape, plan: StepPlan, dataset, out:
     candidates = pipeline.grid_candidates(spec.profile, spec.luc_grid)
     dense_mb = shape.num_params * 4 / MIB
     if dense_mb > spec.profile.memory_budget_mb:
-        from edgecore.luc.streamed import compress_streamed  # TODO(top-level once it lands)
-
         result = compress_streamed(models.dense_folder(spec.model, seed=spec.seed), spec.profile, dataset, out,
                                    weight_budget=budget, calib_samples=spec.calib_samples, seed=spec.seed,
-                                   cache=pipeline.default_cache(), candidates=candidates, model_id=spec.model)
+                                   cache=pipeline.default_cache(), candidates=candidates, model_id=spec.model,
+                                   progress=False)
         return {"streamed": True, "peak_mb": result.peak_mb, "seconds": sum(result.seconds.values()),
                 "from_cache": result.from_cache}
     measure.reset_peak()

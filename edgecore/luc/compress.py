@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -244,16 +244,25 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
+def compress_layer(
+    layer: nn.Module, candidate: Candidate, act_norm: Callable[[str], torch.Tensor], group_size: int
+) -> None:
+    """Replace every linear of one decoder layer by its packed CompressedLinear (`act_norm(name)`: its
+    Wanda norms); a dense candidate leaves the layer as it is."""
+    if candidate.is_dense:
+        return
+    for name, linear in linears(layer).items():
+        _set_module(layer, name, compress_linear(linear, act_norm(name), candidate, group_size))
+
+
+@torch.no_grad()
 def apply_policy(model, policy: Policy, calib: Calibration) -> None:
     """Compress `model` in place: Wanda masks from `calib`'s activation norms, packed storage per layer."""
     layers = list(model.model.layers)
     if len(layers) != len(policy.layers):
         raise EdgecoreError(f"the policy has {len(policy.layers)} layers but the model has {len(layers)}")
     for index, (layer, candidate) in enumerate(zip(layers, policy.layers)):
-        if candidate.is_dense:
-            continue
-        for name, linear in linears(layer).items():
-            _set_module(layer, name, compress_linear(linear, calib.act_norm(index, name), candidate, policy.group_size))
+        compress_layer(layer, candidate, lambda name, index=index: calib.act_norm(index, name), policy.group_size)
     if policy.embedding_bits != EMBEDDING_DENSE:
         compress_embeddings(model, policy.embedding_bits, policy.group_size)
 
@@ -347,12 +356,17 @@ def load_compressed(folder: Path | str, owned: bool = False):
     return model.eval(), tokenizer, policy
 
 
-def _rebuild_unsaved_buffers(model: nn.Module, config) -> None:
-    """Buffers a checkpoint never holds (RoPE's inverse frequencies) are still on the meta device:
-    build their modules again, for real, from the config."""
+def rebuild_meta_buffers(model: nn.Module, config) -> None:
+    """Build again, for real, from the config, every module whose own buffers are on the meta device:
+    buffers a checkpoint never holds (RoPE's inverse frequencies) of a model built on meta."""
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
             _set_module(model, name, type(module)(config=config))
+
+
+def _rebuild_unsaved_buffers(model: nn.Module, config) -> None:
+    """`rebuild_meta_buffers` after loading a checkpoint, which must leave nothing else on meta."""
+    rebuild_meta_buffers(model, config)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise EdgecoreError(f"the compressed checkpoint leaves {left[:4]} unset; recompress the model")

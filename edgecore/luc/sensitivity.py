@@ -23,9 +23,10 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -107,6 +108,60 @@ def compress_linear(
     return CompressedLinear.from_linear(linear, bits=candidate.storage_bits, keep=keep, group_size=group_size)
 
 
+@contextmanager
+def compressed_weights(
+    layer: nn.Module, act_norm: Callable[[str], torch.Tensor], candidate: Candidate, group_size: int,
+    masks: dict | None = None,
+) -> Iterator[nn.Module]:
+    """`layer` computing with `candidate`'s compressed weights (dense copies swapped in, restored on
+    exit): how a layer's sensitivity is measured. `act_norm(name)` gives a linear's Wanda norms."""
+    originals = {}
+    try:
+        for name, linear in linears(layer).items():
+            compressed = compress_linear(linear, act_norm(name), candidate, group_size, masks)
+            originals[name] = linear.weight.data
+            linear.weight.data = compressed.dense_weight(linear.weight.dtype)
+        yield layer
+    finally:
+        for name, linear in linears(layer).items():
+            if name in originals:
+                linear.weight.data = originals[name]
+
+
+def kl_positions(batches: Sequence[Batch], kl_tokens: int) -> list[torch.Tensor]:
+    """Per batch, the flat (row * length + col) indices of the real tokens the KL is taken at:
+    evenly spaced over all real tokens of the calibration set, at most `kl_tokens` in all."""
+    if kl_tokens < 1:
+        raise EdgecoreError(f"kl_tokens={kl_tokens} must be at least 1")
+    real = [torch.nonzero(b.attention_mask.reshape(-1), as_tuple=True)[0] for b in batches]
+    total = sum(len(r) for r in real)
+    step = max(1, total // kl_tokens)
+    return [r[::step] for r in real]
+
+
+def layer_kwargs(kwargs: dict) -> dict:
+    """What a decoder passes every layer, less the hidden states and the KV cache (layers are re-run
+    without one: it would grow on every re-run)."""
+    return {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer's output hidden states (layers return a tuple or a tensor, by model)."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def kl_sum(logprobs: torch.Tensor, dense: torch.Tensor) -> float:
+    """Summed KL(dense || logprobs) over the rows (positions) given."""
+    return float(F.kl_div(logprobs, dense, log_target=True, reduction="sum"))
+
+
+def squared_error(output: torch.Tensor, reference: torch.Tensor, real: torch.Tensor) -> tuple[float, int]:
+    """(sum of squared differences over the real tokens, how many values): a layer output's MSE terms."""
+    error = (output - reference)[real]
+    return float(error.double().square().sum()), error.numel()
+
+
 class Calibration:
     """One dense pass over calibration batches: layer inputs and kwargs, dense log-probs, activation norms."""
 
@@ -126,14 +181,7 @@ class Calibration:
         self._run()
 
     def _pick_positions(self, kl_tokens: int) -> list[torch.Tensor]:
-        """Per batch, the flat (row * length + col) indices of the real tokens the KL is taken at:
-        evenly spaced over all real tokens of the calibration set, at most `kl_tokens` in all."""
-        if kl_tokens < 1:
-            raise EdgecoreError(f"kl_tokens={kl_tokens} must be at least 1")
-        real = [torch.nonzero(b.attention_mask.reshape(-1), as_tuple=True)[0] for b in self.batches]
-        total = sum(len(r) for r in real)
-        step = max(1, total // kl_tokens)
-        return [r[::step] for r in real]
+        return kl_positions(self.batches, kl_tokens)
 
     def _run(self) -> None:
         hooks = [self.model.model.norm.register_forward_pre_hook(self._input_hook(len(self.layers)))]
@@ -163,8 +211,7 @@ class Calibration:
         def hook(_module, args, kwargs):
             self.inputs[index].append(args[0] if args else kwargs["hidden_states"])
             if index == 0:
-                # A KV cache would grow on every re-run: layers are re-run without one.
-                self.kwargs.append({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")})
+                self.kwargs.append(layer_kwargs(kwargs))
 
         return hook
 
@@ -184,8 +231,7 @@ class Calibration:
         """Re-run layers start..L-1 on batch b from its cached input: (layer start's output, final hidden)."""
         hidden, first = self.inputs[start][b], None
         for layer in self.layers[start:]:
-            out = layer(hidden, **self.kwargs[b])
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = run_layer(layer, hidden, self.kwargs[b])
             first = hidden if first is None else first
         return first, hidden
 
@@ -195,13 +241,12 @@ class Calibration:
         kl, tokens, squared, count = 0.0, 0, 0.0, 0
         for b in range(len(self.batches)):
             first, hidden = self.run_from(start, b)
-            real = self.batches[b].attention_mask.bool()
-            error = (first - self.inputs[start + 1][b])[real]
-            squared += float(error.double().square().sum())
-            count += error.numel()
+            batch_squared, batch_count = squared_error(first, self.inputs[start + 1][b], self.batches[b].attention_mask.bool())
+            squared += batch_squared
+            count += batch_count
             logprobs = self._logprobs(self.model.model.norm(hidden), b)
             dense = self.dense_logprobs[b]
-            kl += float(F.kl_div(logprobs, dense, log_target=True, reduction="sum"))
+            kl += kl_sum(logprobs, dense)
             tokens += dense.shape[0]
         return kl / max(tokens, 1), squared / max(count, 1)
 
@@ -214,7 +259,7 @@ class Calibration:
         kl, tokens = 0.0, 0
         for b, batch in enumerate(self.batches):
             logprobs = self._logprobs(lm.hidden_states(model, batch), b, model)
-            kl += float(F.kl_div(logprobs, self.dense_logprobs[b], log_target=True, reduction="sum"))
+            kl += kl_sum(logprobs, self.dense_logprobs[b])
             tokens += logprobs.shape[0]
         return kl / max(tokens, 1)
 
@@ -268,17 +313,8 @@ def measure(
     for l, layer in enumerate(layers):
         masks: dict = {}  # this layer's Wanda masks, shared by candidates that differ only in bits
         for c in compressible:
-            originals = {}
-            try:
-                for name, linear in linears(layer).items():
-                    compressed = compress_linear(linear, calib.act_norm(l, name), candidates[c], group_size, masks)
-                    originals[name] = linear.weight.data
-                    linear.weight.data = compressed.dense_weight(linear.weight.dtype)
+            with compressed_weights(layer, lambda name, l=l: calib.act_norm(l, name), candidates[c], group_size, masks):
                 kl[l, c], mse[l, c] = calib.kl_from(l)
-            finally:
-                for name, linear in linears(layer).items():
-                    if name in originals:
-                        linear.weight.data = originals[name]
             bar.update()
     bar.close()
     seconds = time.perf_counter() - started
@@ -313,12 +349,25 @@ class SensitivityCache:
 
     @staticmethod
     def key(model_id: str, calib: Calibration, candidates: Sequence[Candidate], group_size: int) -> str:
+        first = next(iter(linears(calib.layers[0]).values())).weight.detach()
+        return SensitivityCache.key_for(model_id, first, calib.batches, calib.positions, candidates, group_size)
+
+    @staticmethod
+    def key_for(
+        model_id: str,
+        first_weight: torch.Tensor,
+        batches: Sequence[Batch],
+        positions: Sequence[torch.Tensor],
+        candidates: Sequence[Candidate],
+        group_size: int,
+    ) -> str:
+        """`key` from its parts, for callers that hold no Calibration (edgecore.luc.streamed):
+        `first_weight` is the first linear weight of decoder layer 0."""
         digest = hashlib.sha256(f"v{CACHE_VERSION}|{model_id}|{group_size}|{sorted(candidates)}".encode())
         # The first layer's first weight stands in for the model's weights (a changed checkpoint
         # under the same name changes it); the token ids and KL positions pin the data.
-        first = next(iter(linears(calib.layers[0]).values())).weight.detach()
-        digest.update(first.float().contiguous().numpy().tobytes())
-        for batch, positions in zip(calib.batches, calib.positions):
+        digest.update(first_weight.detach().float().contiguous().numpy().tobytes())
+        for batch, positions in zip(batches, positions):
             digest.update(batch.input_ids.numpy().tobytes())
             digest.update(batch.attention_mask.numpy().tobytes())
             digest.update(positions.numpy().tobytes())
@@ -358,11 +407,27 @@ def measure_cached(
     progress: bool = True,
 ) -> tuple[Sensitivity, bool]:
     """(table, whether it came from the cache)."""
-    key = SensitivityCache.key(model_id, calib, candidates, group_size) if cache else None
-    found = cache.get(key, candidates) if cache else None
+    return cached_table(
+        cache,
+        lambda: SensitivityCache.key(model_id, calib, candidates, group_size),
+        candidates,
+        lambda: measure(calib, candidates, group_size=group_size, progress=progress),
+    )
+
+
+def cached_table(
+    cache: SensitivityCache | None,
+    key: Callable[[], str],
+    candidates: Sequence[Candidate],
+    compute: Callable[[], Sensitivity],
+) -> tuple[Sensitivity, bool]:
+    """(the cached table under `key()`, True), else (`compute()`, stored under that key, False)."""
+    if cache is None:
+        return compute(), False
+    name = key()
+    found = cache.get(name, candidates)
     if found is not None:
         return found, True
-    table = measure(calib, candidates, group_size=group_size, progress=progress)
-    if cache:
-        cache.put(key, table)
+    table = compute()
+    cache.put(name, table)
     return table, False

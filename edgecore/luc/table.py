@@ -129,18 +129,31 @@ class QuantizedTable(PackedStorage):
                 f"on {weight.device}"
             )
         table = cls(TableLayout(*weight.shape, bits, group_size), device=weight.device)
-        values = weight.detach()
-        if not table.layout.quantized:
-            if bits == 16 and float(values.abs().max()) > FP16_MAX:
-                raise EdgecoreError(f"weights exceed the fp16 range (|w| <= {FP16_MAX}); store them with bits=None")
-            table.qweight.copy_(values.reshape(-1))
-            return table
-        # dim % group_size == 0, so quantize's row-major groups never cross a row.
-        q = quantize(values, bits, group_size)
-        table.qweight.copy_(q.packed)
-        table.scale.copy_(q.scale)
-        table.zero.copy_(q.zero)
+        table.store_rows(0, weight.detach())
         return table
+
+    def store_rows(self, start: int, values: torch.Tensor) -> None:
+        """Compress a float [n, dim] block into rows start..start+n-1. Groups lie inside rows and rows
+        start on whole bytes, so a table filled block by block (edgecore.luc.streamed, which never
+        holds the fp32 table whole) is identical to one made from the whole weight."""
+        layout = self.layout
+        if values.dim() != 2 or values.shape[1] != layout.dim or not 0 <= start <= start + values.shape[0] <= layout.rows:
+            raise EdgecoreError(
+                f"rows {start}..{start + values.shape[0] - 1} of width {tuple(values.shape)[1:]} do not fit a "
+                f"{layout.rows} x {layout.dim} table"
+            )
+        stop = start + values.shape[0]
+        stream, scale, zero = self._views()
+        if not layout.quantized:
+            if layout.bits == 16 and float(values.abs().max()) > FP16_MAX:
+                raise EdgecoreError(f"weights exceed the fp16 range (|w| <= {FP16_MAX}); store them with bits=None")
+            stream[start:stop].copy_(values)
+            return
+        # dim % group_size == 0, so quantize's row-major groups never cross a row.
+        q = quantize(values, layout.bits, layout.group_size)
+        stream[start:stop].copy_(q.packed.view(-1, layout.row_width))
+        scale[start:stop].copy_(q.scale.view(-1, layout.groups_per_row))
+        zero[start:stop].copy_(q.zero.view(-1, layout.groups_per_row))
 
     # -- reading -----------------------------------------------------------------------------
 
