@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from edgecore.errors import EdgecoreError
 from edgecore.fleet import resolve_fleet
-from server.flower import free_port
+from server import flower
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -36,19 +35,10 @@ def _start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
 def run(fleet_name: str, overrides: str, work: Path, data: str, separate_disks: bool, timeout_s: float) -> dict:
     fleet = resolve_fleet(fleet_name)
     slots = fleet.slots
-    port = free_port()
+    port = flower.free_port()
     work.mkdir(parents=True, exist_ok=True)
     config = f"min-clients={len(slots)} run-dir={json.dumps(str(work / 'runs'))} {overrides}".strip()
     started = time.perf_counter()
@@ -61,7 +51,7 @@ def run(fleet_name: str, overrides: str, work: Path, data: str, separate_disks: 
                 env["EDGECORE_CACHE"] = str(work / f"disk-{i}")
             command = ["-m", "client", "--server", f"127.0.0.1:{port}", "--data", data, "--partition-id", str(i),
                        "--num-partitions", str(len(slots)), "--device-profile", slot.device.source or slot.device.name,
-                       "--runtime-port", str(free_port()), "--flwr-home", str(work / f"client-{i}")]
+                       "--runtime-port", str(flower.free_port()), "--flwr-home", str(work / f"client-{i}")]
             command += ["--lora-rank", str(slot.lora_rank)] if slot.lora_rank else []
             processes.append(_start(command, work / f"client-{i}.log", env))
         server = processes[0]
@@ -71,7 +61,7 @@ def run(fleet_name: str, overrides: str, work: Path, data: str, separate_disks: 
             raise EdgecoreError(f"the run did not end within {timeout_s:.0f} s; logs in {work}") from None
     finally:
         for process in reversed(processes):
-            _stop(process)
+            flower.stop(process)
     lines = (work / "server.log").read_text().strip().splitlines()
     try:
         outcome = json.loads(lines[-1])

@@ -22,25 +22,11 @@ from edgecore.schedule.planner import plan
 from edgecore.schedule.workload import Workload
 from edgecore.tuning.exits import Exits, default_exits
 from edgecore.tuning.window import window_loss
-from test_schedule import MIXED, assert_unscheduled, compress_tiny, fake_costs, ms_per_row
+from test_schedule import assert_unscheduled, compressed, fake_costs, lora, ms_per_row  # noqa: F401 (fixtures)
 
 FAST_UNPACKED = ms_per_row({**dict.fromkeys(KERNELS, 1.0), "unpacked-fp32": 0.2})
 TRAIN = Workload.train(2, 16, 2)
 
-
-@pytest.fixture(scope="module")
-def compressed():
-    return compress_tiny(MIXED)
-
-
-@pytest.fixture(scope="module")
-def lora(compressed):
-    model = add_lora(copy.deepcopy(compressed), LoraSettings(r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj")))
-    torch.manual_seed(5)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(parameter, std=0.05)
-    return model
 
 
 def buffers(model) -> dict[str, torch.Tensor]:
