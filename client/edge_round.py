@@ -68,10 +68,11 @@ def edge_round(
     prepare_started = time.perf_counter()
     dev = _device_model(experiment, client, device)
     prepare_s = time.perf_counter() - prepare_started  # ~0 when this process prepared it in an earlier round
+    reused, dev.uses = dev.uses > 0, dev.uses + 1
     _load_global(dev, global_arrays)
     encoder = Encoder(dev.tokenizer, dataset, max_len=experiment.seq_len)
     measure.make_resident(dev.model)
-    rss_before = measure.rss_mb()
+    rss_before, weights_mb = measure.rss_mb(), dev.weights_mb  # the job's peak is measured from here
     check = plan_check(dev, experiment.local_steps)  # the plan's first real steps against its prediction
     result = adaptive.tune(
         dev.model, dev.exits, dev.depth, encoder, list(samples), validation,
@@ -84,7 +85,7 @@ def edge_round(
     arrays = {k: v for k, v in wire.adapter_arrays(dev.model).items() if wire.layer_of(k) in trained_layers}
     arrays.update({k: v for k, v in wire.exit_arrays(dev.exits).items() if wire.layer_of(k) in trained_exits})
     metrics = {
-        **round_metrics(result.report, len(samples), started, dev.weights_mb, rss_before, arrays, global_arrays, client),
+        **round_metrics(result.report, len(samples), started, weights_mb, rss_before, arrays, global_arrays, client),
         "estimate-mb": dev.depth.estimate_mb,
         "budget-mb": device.profile.memory_budget_mb,
         "compressed": int(dev.compressed),
@@ -93,9 +94,12 @@ def edge_round(
         "plan-measured-s": verdict.plan_s if verdict else 0.0,
         "predicted-step-s": (dev.schedule or {}).get("predicted_s", 0.0),
         "prepare-s": prepare_s,
-        "from-disk": int(dev.from_disk),  # the compressed base came from the device's disk, not compressed now
-        "built": int(bool(dev.build) and not dev.from_disk),
-        "build-peak-mb": dev.build.get("peak_mb", 0.0) if not dev.from_disk else 0.0,
+        # Where this round's device model came from: this process's memory (a simulation worker's
+        # earlier round), the device's disk, or built now (compressed, `build-peak-mb` its measured peak).
+        "in-process": int(reused),
+        "from-disk": int(dev.from_disk and not reused),
+        "built": int(bool(dev.build) and not dev.from_disk and not reused),
+        "build-peak-mb": dev.build.get("peak_mb", 0.0) if dev.build and not dev.from_disk and not reused else 0.0,
         "bf16": int(dev.precision == "bf16"),
         "compute-bf16": int(dev.compute_precision == "bf16"),
         "lora-rank": dev.lora.r,

@@ -106,7 +106,6 @@ class DeviceModel:
     depth: Depth
     precision: str  # what the plan is made for (the profile's)
     compute_precision: str  # what this host computes in (the plan's, unless the host cannot)
-    weights_mb: float  # the base as stored, plus the kernels' own copies
     compressed: bool
     prepare_s: float
     from_disk: bool = False  # the compressed base came from the device's store
@@ -115,10 +114,17 @@ class DeviceModel:
     schedule: dict | None = None  # the execution plan's summary
     executor: object | None = None  # the installed edgecore.schedule.Executor
     store: StoredBase | None = None  # where the compressed base lives on disk
+    uses: int = 0  # rounds this process has served with it (simulation workers keep it across rounds)
 
     @property
     def profile(self) -> DeviceProfile:
         return self.spec.profile
+
+    @property
+    def weights_mb(self) -> float:
+        """What the weights hold in memory now: the stored buffers still resident plus the kernels' own copies."""
+        kernels = self.executor.state_bytes if self.executor is not None and self.executor.installed else 0
+        return (adaptive.stored_weight_bytes(self.model) + kernels) / MIB
 
     @property
     def lora(self) -> LoraSettings:
@@ -218,11 +224,10 @@ def prepare(spec: DeviceSpec, store: DeviceStore | None = None) -> DeviceModel:
     train_settings = _train_settings(spec, precision)
     exits, depth = adaptive.prepare(model, adaptive.AdaptiveSettings(exits=spec.exits, exit_rank=spec.lora.r,
                                                                      budget_mb=budget_mb), train_settings, spec.lora)
-    dev = DeviceModel(spec, model, tokenizer, exits, depth, precision, compute, 0.0, compressed, 0.0, from_disk,
+    dev = DeviceModel(spec, model, tokenizer, exits, depth, precision, compute, compressed, 0.0, from_disk,
                       summary, build, store=stored)
     if compressed and spec.schedule:
-        _install_plan(dev, replace(plan, weight_bytes=adaptive.stored_weight_bytes(model), packed_weights=True), store)
-    dev.weights_mb = (adaptive.stored_weight_bytes(model) + (dev.executor.state_bytes if dev.executor else 0)) / MIB
+        _install_plan(dev, replace(plan, weight_bytes=adaptive.stored_weight_bytes(model), packed_weights=True))
     dev.prepare_s = time.perf_counter() - started
     log.info("device %s: %s base%s, %.0f MB stored, window %d layers (estimate %.0f of %.0f MB), %s, %.1f s",
              profile.name, "LUC-compressed" if compressed else "dense", " from disk" if from_disk else "", dev.weights_mb,
@@ -281,7 +286,7 @@ def _compress(spec: DeviceSpec, shape: ModelShape, plan: StepPlan, dataset, out:
             "from_cache": result.from_cache}
 
 
-def _install_plan(dev: DeviceModel, plan: StepPlan, store: DeviceStore) -> None:
+def _install_plan(dev: DeviceModel, plan: StepPlan) -> None:
     """Install the execution plan for the training steps (evaluation reuses its no-grad kernels),
     unless none fits or this device already measured it slower than LUC's own kernels."""
     profile = dev.profile

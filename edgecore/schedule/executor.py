@@ -132,6 +132,14 @@ class Executor:
                 self.stream = LayerStream(list(lm.causal_lm(self.model).model.layers), streamed, folder)
 
     def uninstall(self) -> None:
+        # The kernels' own copies go first, then the packed weights come back from disk: the other
+        # way round both are resident at once, over the plan's peak (seen when a plan check fell
+        # back to LUC's kernels mid-round: a 200 MB board's job peaked at 218 MB).
+        modules = scheduled_modules(self.model)
+        for name in self.runners:
+            if "forward" in modules[name].__dict__:
+                del modules[name].forward
+        self.runners.clear()
         if self.stream is not None:
             self.stream.close()
             self.stream = None
@@ -141,11 +149,6 @@ class Executor:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-        modules = scheduled_modules(self.model)
-        for name in self.runners:
-            if "forward" in modules[name].__dict__:
-                del modules[name].forward
-        self.runners.clear()
 
     def __enter__(self) -> Executor:
         return self.install() if not self.installed else self
