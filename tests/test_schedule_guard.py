@@ -338,3 +338,20 @@ def test_switching_kernels_between_optimizer_steps_trains_as_lucs_own_would(lora
     plain, _ = train(False)
     assert plain[0] > plain[-1]  # it trains
     torch.testing.assert_close(scheduled, plain, rtol=1e-4, atol=0)
+
+
+def test_taking_a_plan_out_frees_the_kernels_copies_before_the_parked_weights_come_back(setup, monkeypatch):
+    """Both at once would be over the plan's peak, on the device, in the middle of a round."""
+    executor = setup[2]
+    restore = streaming.Spill.close
+    seen = []
+
+    def close(spill):
+        seen.append((len(executor.runners), executor.state_bytes))
+        restore(spill)
+
+    monkeypatch.setattr(streaming.Spill, "close", close)
+    assert executor.state_bytes > 0
+    executor.uninstall()
+    assert seen == [(0, 0)]
+    assert_unscheduled(executor.model)
