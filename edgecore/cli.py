@@ -259,7 +259,7 @@ def _compress(args) -> None:
     if args.json and args.json.is_dir():
         raise EdgecoreError(f"--json {args.json} is a directory; give a file name")
 
-    # The default budget is what the device plans with (edgecore.device.PLANNING_SHARE of its budget),
+    # The default budget is what the device plans with (edgecore.device's planning share of its budget),
     # so the folder passes the device's check when it brings it (`python -m client --model FOLDER`).
     result = pipeline.compress(
         args.model, planning_profile(profile), args.data, weight_budget=budget, plan=plan, calib_samples=args.calib_samples,
