@@ -26,11 +26,11 @@ commands that take `--device` and the benchmarks make it the same way:
   prices that higher: scheduling never asks for more than LUC runs with.
 - **Persistence.** In deployment every Flower message runs in a fresh process, so the device
   model lives on the device's disk (edgecore.device_store): the compressed folder, keyed by
-  everything it depends on, and the verdict of the plan's first real steps. The next process
-  loads it packed instead of compressing again; a changed input builds a new one; a corrupt
-  or partial folder is detected and rebuilt. The execution plan is derived again from the
-  persisted cost table (milliseconds: every timing is cached) and checked against the stored
-  verdict.
+  everything it depends on. The next process loads it packed instead of compressing again; a
+  changed input builds a new one; a corrupt or partial folder is detected and rebuilt. The
+  execution plan is derived again from the cost table edgecore.schedule keeps on disk
+  (milliseconds: every timing is cached), and is not installed where the verdict of its first
+  real steps, kept beside that table (edgecore.schedule.guard), found LUC's own kernels faster.
 """
 
 from __future__ import annotations
