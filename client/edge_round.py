@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from client.device import device_model, device_spec
-from edgecore.device import plan_check
 from client.pipeline import ClientData, partition_of, round_metrics
 from edgecore import data, measure, wire
+from edgecore.device import plan_check
 from edgecore.encoding import Encoder
 from edgecore.evaluate import evaluate
 from edgecore.experiment import Experiment
@@ -98,8 +98,8 @@ def edge_round(
         # earlier round), the device's disk, or built now (compressed, `build-peak-mb` its measured peak).
         "in-process": int(reused),
         "from-disk": int(dev.from_disk and not reused),
-        "built": int(bool(dev.build) and not dev.from_disk and not reused),
-        "build-peak-mb": dev.build.get("peak_mb", 0.0) if dev.build and not dev.from_disk and not reused else 0.0,
+        "built": int(dev.built and not reused),
+        "build-peak-mb": dev.build["peak_mb"] if dev.built and not reused else 0.0,
         "bf16": int(dev.precision == "bf16"),
         "compute-bf16": int(dev.compute_precision == "bf16"),
         "lora-rank": dev.lora.r,

@@ -131,6 +131,11 @@ class DeviceModel:
         return self.spec.profile
 
     @property
+    def built(self) -> bool:
+        """The compressed base was built in this process (not loaded from disk)."""
+        return bool(self.build) and not self.from_disk
+
+    @property
     def weights_mb(self) -> float:
         """What the weights hold in memory now: the stored buffers still resident plus the kernels' own copies."""
         kernels = self.executor.state_bytes if self.executor is not None and self.executor.installed else 0
@@ -261,7 +266,8 @@ def policy_summary(policy: luc.Policy) -> dict:
 
 def weight_budget(spec: DeviceSpec, shape: ModelShape, plan: StepPlan) -> int:
     """Bytes LUC may give the stored weights: the planning budget less a one-layer tuning step's state."""
-    return luc.weight_budget_bytes(planning_profile(spec.profile, spec.share), shape, replace(one_layer_step(shape, plan), packed_weights=True))
+    one_layer = replace(one_layer_step(shape, plan), packed_weights=True)
+    return luc.weight_budget_bytes(planning_profile(spec.profile, spec.share), shape, one_layer)
 
 
 def store_inputs(spec: DeviceSpec, plan: StepPlan, dataset) -> dict:

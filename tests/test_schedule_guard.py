@@ -8,11 +8,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch import nn
 
 from edgecore import lm
 from edgecore.errors import EdgecoreError
-from edgecore.finetune import LoraSettings, StepRecord, add_lora
+from edgecore.finetune import StepRecord
 from edgecore.schedule import streaming
 from edgecore.schedule.costs import CostTable
 from edgecore.schedule.executor import Executor
