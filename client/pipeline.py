@@ -21,7 +21,8 @@ from edgecore.data import Sample
 from edgecore.encoding import Encoder
 from edgecore.experiment import Experiment
 from edgecore.finetune import LoraSettings, add_lora, train
-from edgecore.memory import HEAP_THRESHOLD_BYTES, MIB, limit_heap_fragmentation
+from edgecore.allocator import HEAP_THRESHOLD_BYTES, limit_heap_fragmentation
+from edgecore.memory import MIB
 from edgecore.tuning.adaptive import stored_weight_bytes
 
 log = logging.getLogger(__name__)

@@ -167,7 +167,7 @@ def _adaptive_settings(args):
 
 def _finetune_adaptive(args, model, encoder, dataset, train_samples, held_out, settings, adaptive_settings, lora,
                        evals, out, record, started, dev=None) -> None:
-    from edgecore.memory import limit_heap_fragmentation
+    from edgecore.allocator import limit_heap_fragmentation
     from edgecore.tuning import adaptive
     from edgecore.tuning.voting import exit_scores, predict_early
 
@@ -243,12 +243,13 @@ def _compress(args) -> None:
     from edgecore.device import planning_profile
     from edgecore.luc import compress as luc
     from edgecore.luc import pipeline
-    from edgecore.memory import MIB, ModelShape
+    from edgecore import models
+    from edgecore.memory import MIB
     from edgecore.profiles import resolve_profile
 
     # Every input is checked before the slow work starts.
     profile = resolve_profile(args.device)
-    shape = ModelShape.from_name(args.model)
+    shape = models.shape(args.model)
     plan = luc.default_tuning_plan(shape, args.batch, args.seq_len, args.tuning_window)
     budget = None if args.weight_budget_mb is None else int(args.weight_budget_mb * MIB)
     if budget is not None and budget <= 0:

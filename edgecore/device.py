@@ -48,7 +48,8 @@ from edgecore.finetune import LoraSettings, TrainSettings, add_lora
 from edgecore.luc import compress as luc
 from edgecore.luc import pipeline
 from edgecore.luc.streamed import compress_streamed
-from edgecore.memory import HEAP_THRESHOLD_BYTES, MIB, ModelShape, StepPlan, estimate_step, limit_heap_fragmentation
+from edgecore.allocator import HEAP_THRESHOLD_BYTES, limit_heap_fragmentation
+from edgecore.memory import MIB, ModelShape, StepPlan, estimate_step
 from edgecore.profiles import DeviceProfile
 from edgecore.schedule.costs import CostTable, model_key
 from edgecore.schedule.executor import Executor
@@ -201,7 +202,7 @@ def check_compressed_base(folder: Path | str, profile: DeviceProfile, budget_mb:
         raise EdgecoreError(f"{folder}: the embedding table is stored in {policy.embedding_bits} bits, which device "
                             f"{profile.name} does not run; compress it with --device {profile.name}")
     budget_mb = planning_profile(profile).memory_budget_mb if budget_mb is None else budget_mb
-    shape = ModelShape.from_name(str(folder))
+    shape = models.shape(str(folder))
     plan = replace(plan or luc.default_tuning_plan(shape, batch=1), weight_bytes=policy.weight_bytes, packed_weights=True)
     need = estimate_step(shape, one_layer_step(shape, plan)).total_mb
     if need > budget_mb:
@@ -229,7 +230,7 @@ def prepare(spec: DeviceSpec, store: DeviceStore | None = None) -> DeviceModel:
         base, tokenizer, _ = luc.load_compressed(spec.model, owned=True)
         compressed, from_disk, summary = True, True, policy_summary(policy)
     else:
-        shape = ModelShape.from_name(spec.model)
+        shape = models.shape(spec.model)
         if dense_fits(shape, plan, budget_mb):
             base, tokenizer = models.load(spec.model, seed=spec.seed)
             compressed, from_disk, summary = False, False, {}

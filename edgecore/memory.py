@@ -14,16 +14,13 @@ The estimate counts what a step really holds at its peak, term by term (`MemoryE
 - transient: short-lived buffers at the peak (MLP gradients, the logits' gradient);
 - allocator: glibc's heap keeps freed activation memory and fragments it; with the default
   (dynamic) mmap threshold a process's peak RSS holds about one more copy of the saved
-  activations. `limit_heap_fragmentation()` switches that off (see its docstring).
+  activations. `edgecore.allocator.limit_heap_fragmentation()` switches that off.
 
 All figures are MiB (2**20 bytes), as `edgecore.measure` reports them.
 
-The measurement (`measure_training_peak`) follows the project's memory contract: a fresh
-Python process imports torch, transformers, peft and edgecore, records its RSS as the runtime
-floor, loads the model, adds LoRA, runs a few `edgecore.finetune.train` steps, and reports the
-peak RSS minus the floor. SmolLM2's weights are memory-mapped from the safetensors cache: the
-pages count once in the RSS (as file-backed pages, once the forward pass has touched them),
-not twice, so `weights` is simply the stored size.
+The measurement that calibrates it runs a few real steps in a fresh process and reports the
+peak RSS above the runtime floor (`simulations.step_peak`). SmolLM2's weights are
+memory-mapped from the safetensors cache, so `weights` is simply the stored size.
 
 Calibration (2-core x86 CPU, torch 2.13, sdpa attention, LoRA r=8 on q,k,v,o): the saved
 bytes per token are exact (checked tensor by tensor against autograd's saved tensors in
@@ -40,14 +37,7 @@ A later planner asks "which window fits budget B" by varying `StepPlan.window` a
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 from edgecore.errors import EdgecoreError
@@ -111,24 +101,6 @@ class ModelShape:
                 f"model config {type(config).__name__} lacks a field the memory estimate needs ({err}); "
                 "use a Llama-style causal LM config (hidden_size, intermediate_size, num_hidden_layers, ...)"
             ) from None
-
-    @classmethod
-    def from_name(cls, name_or_path: str) -> "ModelShape":
-        """The shape of a model `edgecore.models.load` knows, without loading its weights."""
-        from edgecore import models
-
-        if name_or_path in models.TINY_MODELS:
-            spec = models.TINY_MODELS[name_or_path]
-            vocab = len(models.byte_tokenizer())
-            head_dim = spec.hidden // spec.heads
-            return cls(spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, head_dim, vocab)
-        folder = models.smollm2_cache() if name_or_path == models.SMOLLM2 else Path(name_or_path)
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise EdgecoreError(f"{config_file} not found: {name_or_path!r} is not a model edgecore can load")
-        from transformers import AutoConfig
-
-        return cls.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
 
     @property
     def q_dim(self) -> int:
@@ -321,8 +293,9 @@ def weight_copy_bytes(shape: ModelShape, plan: StepPlan) -> int:
 def estimate_step(model: Any, plan: StepPlan | None = None, **changes: Any) -> MemoryEstimate:
     """Peak memory (MiB above the runtime floor) of one LoRA training step.
 
-    `model` is a ModelShape, a transformers config or model, or a model name edgecore can
-    load; `changes` override fields of `plan` (e.g. ``estimate_step("tiny-5m", batch=4)``).
+    `model` is a ModelShape or a transformers config or model (`edgecore.models.shape` gives
+    the shape of a model by name); `changes` override fields of `plan` (e.g.
+    ``estimate_step(shape, batch=4)``).
     """
     shape = _as_shape(model)
     plan = replace(plan or StepPlan(), **changes)
@@ -363,220 +336,5 @@ def _as_shape(model: Any) -> ModelShape:
     if isinstance(model, ModelShape):
         return model
     if isinstance(model, str):
-        return ModelShape.from_name(model)
+        raise EdgecoreError(f"estimate_step takes a ModelShape or a config, not the name {model!r}: pass edgecore.models.shape({model!r})")
     return ModelShape.from_config(model)
-
-
-# ---------------------------------------------------------------- the allocator
-
-
-_heap_limited = False
-
-M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
-
-
-# For a tuning job: freed activations (blocks over 1 MiB) go back to the OS, so a round's measured peak is its
-# own (glibc otherwise keeps them, and the next round reuses them unseen) and the estimator's
-# "returning" allocator applies. Measured for SmolLM2, full-depth LoRA at batch 4 x 128 against
-# an estimate of 773 MB: glibc's default 1296 MB at 2.78 s a step; 1 MiB 854 MB at 3.66 s;
-# 64 KiB 741 MB at 4.88 s.
-HEAP_THRESHOLD_BYTES = 1 << 20
-
-
-def limit_heap_fragmentation(threshold_bytes: int = 64 * 1024) -> bool:
-    """Serve every allocation above `threshold_bytes` from its own mapping (glibc only).
-
-    glibc raises its mmap threshold each time a large block is freed, so after the first
-    training step activations (MiB-sized) come from the heap, whose freed space is kept and
-    fragments: a step's peak RSS then holds about twice its saved activations. Fixing the
-    threshold returns every freed activation to the OS at once (measured: 1995 instead of
-    3093-3448 MiB for SmolLM2 at batch 8 x 128). The price is a page fault per fresh page
-    of every large allocation, so steps may run slower: time it before making it a default.
-    Returns False where the C
-    library has no mallopt (musl, macOS); the process is then left unchanged.
-    """
-    global _heap_limited
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError, TypeError):
-        return False
-    _heap_limited = _heap_limited or ok
-    return ok
-
-
-def allocator_in_effect() -> str:
-    """"returning" when this process limited heap fragmentation (call or environment), else "glibc"."""
-    return "returning" if _heap_limited or "MALLOC_MMAP_THRESHOLD_" in os.environ else "glibc"
-
-
-# ---------------------------------------------------------------- the measurement
-
-
-def measure_training_peak(
-    model_name: str,
-    batch: int,
-    seq_len: int,
-    steps: int = 2,
-    *,
-    lora_r: int = 8,
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS,
-    lora_dropout: float = 0.05,
-    precision: str = "fp32",
-    data: str = "synthetic",
-    limit_heap: bool = False,
-    window: tuple[int, int] | None = None,
-    timeout_s: float = 900,
-) -> dict:
-    """Peak RSS of `steps` LoRA training steps in a fresh process, minus its runtime floor.
-
-    Returns the child's report: floor_mb, loaded_mb, peak_mb (above the floor), the batch's
-    real length and answer tokens (`plan_fields` to rebuild the StepPlan), and step_s.
-    `data` is "synthetic" (every sequence exactly seq_len tokens, one answer token) or a
-    dataset spec for `edgecore.data.load` such as "bbc". `window` (first, last) trains only
-    those layers, read at an exit after `last` (edgecore.tuning's window step); None: all.
-    """
-    from edgecore import models
-
-    models.check_source(model_name)  # a wrong name fails here, in seconds, with its fix
-    request = {
-        "model": model_name,
-        "batch": batch,
-        "seq_len": seq_len,
-        "steps": steps,
-        "lora_r": lora_r,
-        "lora_targets": list(lora_targets),
-        "lora_dropout": lora_dropout,
-        "precision": precision,
-        "data": data,
-        "limit_heap": limit_heap,
-        "window": list(window) if window else None,
-    }
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "edgecore.memory", json.dumps(request)],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env=env,
-            cwd=root,
-        )
-    except subprocess.TimeoutExpired:
-        raise EdgecoreError(f"the memory measurement of {model_name} took over {timeout_s:.0f} s; lower batch or steps") from None
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-        raise EdgecoreError(f"the memory measurement of {model_name} failed (exit {done.returncode}):\n{tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def plan_from_report(report: dict, **changes: Any) -> StepPlan:
-    """The StepPlan that describes what a measurement really ran."""
-    fields_ = report["plan_fields"]
-    window = tuple(fields_["window"]) if fields_.get("window") else None
-    plan = dict(fields_, lora_targets=tuple(fields_["lora_targets"]), window=window)
-    return replace(StepPlan(**plan), **changes)
-
-
-def _synthetic(seq_len: int, count: int):
-    """Classification samples long enough to fill seq_len, with one-token answers."""
-    import random
-
-    from edgecore.data import Dataset, Sample
-
-    rng = random.Random(0)
-    words = "the market team phone bank goal chip web shares profit match coach software film vote".split()
-    letters = ("a", "b", "c", "d")  # " a" is one token under byte-level BPE and SmolLM2 alike
-    samples = [
-        Sample(" ".join(rng.choice(words) for _ in range(seq_len)), letters[k % 4], letters[k % 4])
-        for k in range(count)
-    ]
-    return Dataset("synthetic", samples, samples[:4], samples[:4], letters, "Which letter fits?")
-
-
-def _child(request: dict) -> dict:
-    """Runs in the fresh process: floor after imports, then load, LoRA and training."""
-    if request["limit_heap"]:
-        limit_heap_fragmentation()
-    import peft  # noqa: F401  (part of the floor: everything a client imports)
-    import torch
-    import transformers  # noqa: F401
-    import transformers.models.llama.modeling_llama  # noqa: F401  (imported lazily on first load)
-
-    from edgecore import data as datasets
-    from edgecore import measure, models
-    from edgecore.encoding import Encoder
-    from edgecore.finetune import LoraSettings, TrainSettings, add_lora, batches, train
-
-    torch.manual_seed(0)
-    floor = measure.rss_mb()
-    model, tokenizer = models.load(request["model"])
-    loaded = measure.rss_mb() - floor
-    from edgecore.luc.layer import CompressedLinear
-
-    packed = any(isinstance(m, CompressedLinear) for m in model.modules())
-    lora = LoraSettings(r=request["lora_r"], dropout=request["lora_dropout"], targets=tuple(request["lora_targets"]))
-    model = add_lora(model, lora)
-    if request["data"] == "synthetic":
-        dataset = _synthetic(request["seq_len"], 4 * request["batch"])
-    else:
-        dataset = datasets.load(request["data"])
-    encoder = Encoder(tokenizer, dataset, max_len=request["seq_len"])
-    settings = TrainSettings(
-        steps=request["steps"], batch_size=request["batch"], seq_len=request["seq_len"], precision=request["precision"]
-    )
-    # The same seeded batches train() will draw: their real length and answer-token count.
-    stream = batches(encoder, dataset.train, settings.batch_size, settings.seed)
-    drawn = [next(stream) for _ in range(settings.steps)]
-    length = max(b.input_ids.shape[1] for b in drawn)
-    answers = max(b.num_target_tokens for b in drawn)
-    del drawn, stream
-    step_loss, extra = None, []
-    if request.get("window"):
-        from edgecore.tuning.exits import Exits
-        from edgecore.tuning.window import ExitChooser, WindowTrainer
-
-        first, last = request["window"]
-        exits = Exits([last], model.config.hidden_size)
-        step_loss = WindowTrainer(model, exits, last - first + 1, ExitChooser([last]))
-        extra = list(exits.parameters())
-    report = train(model, encoder, dataset.train, settings, progress=False, step_loss=step_loss, extra_params=extra)
-    return {
-        "request": request,
-        "floor_mb": floor,
-        "loaded_mb": loaded,
-        "peak_mb": report.peak_rss_mb - floor,
-        "step_s": report.mean_step_s,
-        "allocator": allocator_in_effect(),
-        "plan_fields": {
-            "batch": request["batch"],
-            "seq_len": length,
-            "lora_r": request["lora_r"],
-            "lora_targets": tuple(request["lora_targets"]),
-            "lora_dropout": request["lora_dropout"],
-            "precision": report.precision,
-            "answer_tokens": answers,
-            "allocator": allocator_in_effect(),
-            "window": tuple(request["window"]) if request.get("window") else None,
-            "packed_weights": packed,
-        },
-    }
-
-
-def _main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m edgecore.memory '<json request>'  (see measure_training_peak)", file=sys.stderr)
-        return 2
-    try:
-        print(json.dumps(_child(json.loads(argv[0]))))
-    except EdgecoreError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

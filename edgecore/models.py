@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -34,6 +35,8 @@ from transformers import (
 )
 
 from edgecore.errors import EdgecoreError
+from edgecore.luc.compress import load_compressed
+from edgecore.memory import ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +154,6 @@ def load(
     """
     kind = _kind(name_or_path)
     if kind == "compressed":
-        from edgecore.luc.compress import load_compressed
-
         model, tokenizer, _policy = load_compressed(name_or_path)
     elif kind == "smollm2":
         model, tokenizer = _load_local(smollm2_cache(), dtype)
@@ -164,6 +165,19 @@ def load(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def shape(name_or_path: str) -> ModelShape:
+    """The memory-relevant shape of a model `load` knows, without loading its weights."""
+    if name_or_path in TINY_MODELS:
+        spec = TINY_MODELS[name_or_path]
+        return ModelShape(spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads,
+                          spec.hidden // spec.heads, len(byte_tokenizer()))
+    folder = smollm2_cache() if name_or_path == SMOLLM2 else Path(name_or_path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise EdgecoreError(f"{config_file} not found: {name_or_path!r} is not a model edgecore can load")
+    return ModelShape.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
 
 
 def _check_contract(model: PreTrainedModel, source: str) -> None:

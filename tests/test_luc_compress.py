@@ -109,7 +109,7 @@ def test_dense_embedding_policy_keeps_the_tie_through_save_and_load(measured, tm
 
 
 def test_weight_budget_is_the_profile_budget_minus_the_tuning_step():
-    shape = ModelShape.from_name("tiny-5m")
+    shape = models.shape("tiny-5m")
     profile = resolve_profile("pi-zero-2w")
     plan = luc.default_tuning_plan(shape, batch=4, seq_len=128, window_layers=2)
     budget = luc.weight_budget_bytes(profile, shape, plan)

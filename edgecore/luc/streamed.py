@@ -92,7 +92,8 @@ from edgecore.luc.sensitivity import (
 )
 from edgecore.luc.table import empty_embeddings
 from edgecore.measure import peak_rss_mb, reset_peak, rss_mb
-from edgecore.memory import MIB, ModelShape, limit_heap_fragmentation
+from edgecore.allocator import limit_heap_fragmentation
+from edgecore.memory import MIB, ModelShape
 from edgecore.profiles import DeviceProfile
 
 DEFAULT_STREAM_MB = 16.0  # open sensitivity streams per sweep (SmolLM2, 2 samples of 128 tokens: 9 start layers of 3 candidates)

@@ -20,7 +20,8 @@ from edgecore.data import Sample
 from edgecore.encoding import Encoder
 from edgecore.errors import EdgecoreError
 from edgecore.finetune import LoraSettings, TrainReport, TrainSettings, resolve_precision, train
-from edgecore.memory import ModelShape, StepPlan, allocator_in_effect
+from edgecore.allocator import allocator_in_effect
+from edgecore.memory import ModelShape, StepPlan
 from edgecore.tuning.exits import Exits, parse_exits
 from edgecore.tuning.voting import exit_scores, exit_votes, layer_importance, lora_factors
 from edgecore.tuning.window import AssignedExit, Depth, ExitChooser, WindowTrainer, window_depth

@@ -74,7 +74,7 @@ def run(options: dict) -> dict:
     n_lm = options.get("eval_samples") or 64
     n_cls = options.get("eval_samples") or 100
     group_size = 64
-    shape = ModelShape.from_name(model_name)
+    shape = models.shape(model_name)
     shakespeare, bbc = data.load("shakespeare"), data.load("bbc")
     dense, tokenizer = models.load(model_name)
 

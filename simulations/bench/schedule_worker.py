@@ -21,7 +21,8 @@ import torch
 
 from edgecore import device, measure, models  # the imports set the runtime floor
 from edgecore.finetune import LoraSettings, add_lora
-from edgecore.memory import MIB, limit_heap_fragmentation
+from edgecore.allocator import limit_heap_fragmentation
+from edgecore.memory import MIB
 from edgecore.profiles import resolve_profile
 from edgecore.schedule.costs import CostTable, model_key
 from edgecore.tuning.adaptive import stored_weight_bytes

@@ -26,7 +26,8 @@ from pathlib import Path
 from edgecore.luc import compress as luc
 from edgecore.luc.pipeline import compress
 from edgecore.luc.sensitivity import Candidate
-from edgecore.memory import MIB, ModelShape
+from edgecore import models
+from edgecore.memory import MIB
 from edgecore.profiles import resolve_profile
 from simulations.bench import benchmark, in_fresh_process, target
 
@@ -45,7 +46,7 @@ def run(options: dict) -> dict:
     base = {"steps": steps, "batch_size": 8, "seq_len": 128, "lr": 1e-3, "eval_samples": options.get("eval_samples") or 100,
             "vote_samples": 50, "inference_samples": 30, "threshold": 0.9}
     profile = resolve_profile(PROFILE)
-    shape = ModelShape.from_name(options["model"])
+    shape = models.shape(options["model"])
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         _say(f"compressing {options['model']} for {PROFILE}")

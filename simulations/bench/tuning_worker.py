@@ -15,7 +15,7 @@ import sys
 from edgecore import data, measure, models  # the imports set the runtime floor
 from edgecore.encoding import Encoder
 from edgecore.evaluate import evaluate
-from edgecore.memory import limit_heap_fragmentation
+from edgecore.allocator import limit_heap_fragmentation
 from edgecore.finetune import LoraSettings, TrainSettings, add_lora, train
 from edgecore.tuning import adaptive
 from edgecore.tuning.voting import exit_scores, predict_early
