@@ -54,7 +54,7 @@ from edgecore.profiles import DeviceProfile
 from edgecore.schedule.costs import CostTable, model_key
 from edgecore.schedule.executor import Executor
 from edgecore.schedule.guard import CHECK_STEPS, WARMUP_STEPS, PlanCheck, Verdict, should_install, verdict_path
-from edgecore.schedule.planner import Plan
+from edgecore.schedule.planner import ExecutionPlan
 from edgecore.schedule.planner import plan as make_plan
 from edgecore.schedule.workload import Workload
 from edgecore.tuning import adaptive
@@ -332,7 +332,7 @@ def _install_plan(dev: DeviceModel, plan: StepPlan) -> None:
              chosen.peak_bytes / MIB, chosen.budget_bytes / MIB, costs.seconds_measuring)
 
 
-def _verdict(chosen: Plan) -> Verdict | None:
+def _verdict(chosen: ExecutionPlan) -> Verdict | None:
     try:
         return Verdict.load(verdict_path(chosen))
     except EdgecoreError as err:
@@ -351,7 +351,7 @@ def plan_check(dev: DeviceModel, steps: int) -> PlanCheck | None:
 
 
 def execution_plan(dev: DeviceModel, workload: Workload, costs: CostTable, plan: StepPlan,
-                   budget_mb: float | None = None) -> tuple[Plan, Plan]:
+                   budget_mb: float | None = None) -> tuple[ExecutionPlan, ExecutionPlan]:
     """(the fastest plan for `workload` within the planning budget, or within LUC's own plan's peak if the
     scheduler's finer accounting prices that higher; LUC's own plan). An explicit `budget_mb` is kept
     exactly (below the compressed weights, layers stream)."""

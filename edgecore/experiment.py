@@ -12,7 +12,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from edgecore.data import parse_partition_spec
 from edgecore.errors import EdgecoreError
+from edgecore.fleet import resolve_fleet
 from edgecore.finetune import LoraSettings, TrainSettings
 
 
@@ -66,8 +68,6 @@ class Experiment:
             raise EdgecoreError(f"fraction-train = {self.fraction_train} must be in (0, 1]")
         if self.eval_samples < 0 or not self.max_update_norm > 0:
             raise EdgecoreError("eval-samples must be >= 0 and max-update-norm > 0")
-        from edgecore.data import parse_partition_spec
-
         parse_partition_spec(self.partition)
         if self.aggregation not in AGGREGATIONS:
             raise EdgecoreError(f"aggregation = {self.aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
@@ -85,8 +85,6 @@ class Experiment:
 
     def load_fleet(self):
         """The fleet this experiment runs (None for a homogeneous dense federation)."""
-        from edgecore.fleet import resolve_fleet
-
         if not self.fleet:
             return None
         fleet = resolve_fleet(self.fleet)

@@ -220,6 +220,11 @@ class MemoryEstimate:
         """What autograd holds for the backward pass."""
         return self.activations_mb + self.weight_copies_mb + self.logits_mb
 
+    @property
+    def workload_mb(self) -> float:
+        """What the step holds besides the stored weights and their copies (the scheduler prices those itself)."""
+        return self.total_mb - self.weights_mb - self.weight_copies_mb
+
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "total_mb": self.total_mb}
 
@@ -320,7 +325,7 @@ def estimate_step(model: Any, plan: StepPlan | None = None, **changes: Any) -> M
     fragmentation = GLIBC_FRAGMENTATION * (activations + copies) if plan.allocator == "glibc" else 0.0
     return MemoryEstimate(
         weights_mb=weight_bytes / MIB,
-        overhead_mb=OVERHEAD_BASE_MB + OVERHEAD_PER_VOCAB_MB * shape.vocab,
+        overhead_mb=overhead_mb(shape),
         adapters_mb=FP32 * lora_all / MIB,
         grads_mb=FP32 * lora_trained / MIB,
         optimizer_mb=2 * FP32 * lora_trained / MIB,  # AdamW: exp_avg and exp_avg_sq
@@ -330,6 +335,27 @@ def estimate_step(model: Any, plan: StepPlan | None = None, **changes: Any) -> M
         transient_mb=transient,
         allocator_mb=fragmentation,
     )
+
+
+def overhead_mb(shape: ModelShape) -> float:
+    """What loading a model adds above the runtime floor besides its weights (modules, thread pools, tokenizer)."""
+    return OVERHEAD_BASE_MB + OVERHEAD_PER_VOCAB_MB * shape.vocab
+
+
+def inference_bytes(shape: ModelShape, batch: int, seq_len: int, cached_tokens: int = 0) -> int:
+    """What a no-grad forward of `batch` x `seq_len` tokens holds besides the weights.
+
+    One layer's activations are alive at a time (the prompt's, when decoding), plus the fp32
+    attention scores, a row of logits per sequence, the runtime's growth beyond the floor that
+    the training estimate also counts (without it, decoding measured 45-50 MB above the
+    prediction) and, when decoding, the KV cache of `cached_tokens` tokens in every layer.
+    """
+    tokens = batch * seq_len
+    attention = FP32 * batch * shape.heads * seq_len ** 2
+    logits = 2 * FP32 * shape.vocab  # one row of logits and its argmax / softmax
+    activations = FP32 * tokens * (6 * shape.hidden + 3 * shape.intermediate) + attention + batch * logits
+    kv_cache = 2 * shape.layers * shape.kv_dim * cached_tokens * FP32
+    return activations + int(overhead_mb(shape) * MIB) + kv_cache
 
 
 def _as_shape(model: Any) -> ModelShape:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgecore.data.bbc import load_bbc
+from edgecore.data.jsonl import load_jsonl
 from edgecore.data.partition import SCHEMES as PARTITION_SCHEMES
 from edgecore.data.partition import label_skew, parse_partition_spec, partition, share
+from edgecore.data.shakespeare import load_shakespeare
 from edgecore.data.splits import Dataset, Sample, make_dataset, split_indices
 from edgecore.errors import EdgecoreError
 
@@ -33,11 +36,6 @@ __all__ = [
 
 def load(spec: str, *, seed: int = 0) -> Dataset:
     """A dataset by name ("bbc", "shakespeare", "shakespeare:role") or by path (.jsonl file or directory)."""
-    # Imported here so that importing edgecore.data stays cheap.
-    from edgecore.data.bbc import load_bbc
-    from edgecore.data.jsonl import load_jsonl
-    from edgecore.data.shakespeare import load_shakespeare
-
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise EdgecoreError(f"the data split seed must be an integer, got {seed!r}")
     name = spec.strip()

@@ -1,4 +1,7 @@
-"""`python -m edgecore schedule`: the device's model (edgecore.device.prepare), its execution plan, printed."""
+"""`python -m edgecore schedule`: the device's model (edgecore.device.prepare), its execution plan, printed.
+
+A command-line module: it sits above edgecore.device, which it drives.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,13 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from edgecore.device import DeviceSpec, execution_plan, prepare, step_plan
 from edgecore.errors import EdgecoreError
 from edgecore.finetune import LoraSettings
 from edgecore.memory import ModelShape
-from edgecore.profiles import DeviceProfile
+from edgecore.profiles import DeviceProfile, resolve_profile
 from edgecore.schedule.costs import CostTable
-from edgecore.schedule.planner import Plan
+from edgecore.schedule.planner import ExecutionPlan
 from edgecore.schedule.workload import Workload
 from edgecore.tuning.adaptive import stored_weight_bytes
 
@@ -22,9 +26,6 @@ log = logging.getLogger(__name__)
 def run(args) -> None:
     """Plan `args.workload` for the device's model as edgecore.device.prepare makes it (compressed, and
     stored on disk, when the budget needs it), within the device's planning budget or --budget-mb."""
-    from edgecore.device import DeviceSpec, execution_plan, prepare, step_plan  # the CLI sits above the device layer
-    from edgecore.profiles import resolve_profile
-
     profile = resolve_profile(args.device)
     if args.budget_mb is not None and args.budget_mb <= 0:
         raise EdgecoreError(f"--budget-mb {args.budget_mb} must be positive")
@@ -65,6 +66,6 @@ def run(args) -> None:
         print(f"json: {args.json}")
 
 
-def write_plan(path: Path, result: Plan, profile: DeviceProfile) -> None:
+def write_plan(path: Path, result: ExecutionPlan, profile: DeviceProfile) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": profile.summary(), **result.to_dict()}, indent=1))

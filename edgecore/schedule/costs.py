@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgecore import models
+from edgecore import lm, models
 from edgecore.errors import EdgecoreError
 from edgecore.luc.layer import CompressedLinear
 from edgecore.luc.table import QuantizedHead, QuantizedTable
@@ -195,8 +195,6 @@ def model_key(name: str, lora_r: int, lora_targets) -> str:
 
 def scheduled_modules(model) -> dict[str, nn.Module]:
     """name -> every weight module a plan schedules: the decoder's linears and the LM head."""
-    from edgecore import lm
-
     base = lm.causal_lm(model)
     found = {}
     for name, module in base.named_modules():

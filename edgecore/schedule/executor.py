@@ -25,7 +25,7 @@ from edgecore.errors import EdgecoreError
 from edgecore.schedule.costs import scheduled_modules
 from edgecore.schedule.formats import WeightSource, source_of
 from edgecore.schedule.kernels import BASELINE, KERNELS, Kernel
-from edgecore.schedule.planner import Plan
+from edgecore.schedule.planner import ExecutionPlan
 from edgecore.schedule.streaming import LayerStream, Spill
 from edgecore.schedule.workload import INFER, TRAIN
 
@@ -72,7 +72,7 @@ def _sparse_bytes(t: torch.Tensor) -> int:
 class Executor:
     """Installs `plan` into `model` and takes it out again (see the module docstring)."""
 
-    def __init__(self, model, plan: Plan, spill_dir: Path | str | None = None):
+    def __init__(self, model, plan: ExecutionPlan, spill_dir: Path | str | None = None):
         self.model, self.plan = model, plan
         self.spill_dir = spill_dir
         self.runners: dict[str, Runner] = {}

@@ -27,7 +27,7 @@ from pathlib import Path
 from edgecore.errors import EdgecoreError
 from edgecore.schedule.costs import cache_dir, machine_id
 from edgecore.schedule.executor import Executor
-from edgecore.schedule.planner import Plan
+from edgecore.schedule.planner import ExecutionPlan
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +81,19 @@ class Verdict:
             raise EdgecoreError(f"plan verdict {path} is unreadable ({err}); delete it to check again") from err
 
 
-def plan_key(plan: Plan) -> str:
+def plan_key(plan: ExecutionPlan) -> str:
     """Names a plan on this machine: its workload, and per weight its kernels, streamed or parked."""
     choices = [(c.name, sorted(c.kernels.items()), c.streamed, c.parked) for c in plan.choices]
     text = json.dumps([machine_id(), plan.workload.key, choices])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def verdict_path(plan: Plan, folder: Path | None = None) -> Path:
+def verdict_path(plan: ExecutionPlan, folder: Path | None = None) -> Path:
     """Where the verdict on `plan` on this machine is kept (under $EDGECORE_CACHE/schedule/verdicts by default)."""
     return (folder or cache_dir() / "verdicts") / f"{plan_key(plan)}.json"
 
 
-def should_install(verdict: Verdict | None, plan: Plan) -> bool:
+def should_install(verdict: Verdict | None, plan: ExecutionPlan) -> bool:
     """False only when `verdict` is about this very plan here and kept LUC's own kernels over it."""
     return verdict is None or verdict.plan_key != plan_key(plan) or verdict.kept == PLAN
 

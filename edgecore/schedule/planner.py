@@ -26,7 +26,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 from edgecore.errors import EdgecoreError
 from edgecore.luc.layer import CompressedLinear
-from edgecore.memory import FP32, MIB, OVERHEAD_BASE_MB, OVERHEAD_PER_VOCAB_MB, ModelShape, StepPlan, estimate_step
+from edgecore import lm
+from edgecore.luc.compress import stored_nbytes
+from edgecore.memory import MIB, ModelShape, StepPlan, estimate_step, inference_bytes
 from edgecore.schedule.costs import CostTable, scheduled_modules, synthetic_source
 from edgecore.schedule.formats import WeightFormat, source_of
 from edgecore.schedule.kernels import BASELINE, KERNELS, kernels_for
@@ -81,7 +83,7 @@ class Choice:
 
 
 @dataclass
-class Plan:
+class ExecutionPlan:
     workload: Workload
     budget_bytes: int | None
     stored_bytes: int
@@ -209,41 +211,24 @@ def _options(fmt: WeightFormat, calls, costs: CostTable, allowed: set[str] | Non
 
 
 def workload_bytes(model, workload: Workload, step_plan: StepPlan | None = None) -> int:
-    """What the workload itself holds besides the weights (see the module docstring)."""
-    from edgecore import lm
-
-    base = lm.causal_lm(model)
-    shape = ModelShape.from_config(base.config)
+    """What the workload itself holds besides the weights, from the memory estimator."""
+    shape = ModelShape.from_config(lm.causal_lm(model).config)
     if workload.kind == "train":
         plan = step_plan or StepPlan(batch=workload.batch, seq_len=workload.seq_len, allocator="returning")
         plan = replace(plan, window=workload.window(shape.layers), weight_bytes=0, packed_weights=False)
-        estimate = estimate_step(shape, plan)
-        return int((estimate.total_mb - estimate.weights_mb - estimate.weight_copies_mb) * MIB)
-    # A no-grad forward holds one layer's activations at a time (the prompt's, when decoding), plus
-    # the runtime's own growth beyond the floor that the training estimate also counts (modules,
-    # thread pools, the tokenizer): without it, decoding measured 45-50 MB above the prediction.
-    logits = 2 * FP32 * shape.vocab  # one row of logits and its argmax / softmax
-    tokens = workload.batch * workload.seq_len
-    attention = FP32 * workload.batch * shape.heads * workload.seq_len ** 2
-    overhead = int((OVERHEAD_BASE_MB + OVERHEAD_PER_VOCAB_MB * shape.vocab) * MIB)
-    activations = (FP32 * tokens * (6 * shape.hidden + 3 * shape.intermediate) + attention + workload.batch * logits
-                   + overhead)
-    if workload.kind == "decode":
-        cached = workload.seq_len + workload.new_tokens
-        return activations + 2 * shape.layers * shape.kv_dim * cached * FP32
-    return activations
+        return int(estimate_step(shape, plan).workload_mb * MIB)
+    cached = workload.seq_len + workload.new_tokens if workload.kind == "decode" else 0
+    return inference_bytes(shape, workload.batch, workload.seq_len, cached)
 
 
 def plan(model, workload: Workload, costs: CostTable, *, budget_bytes: int | None = None, model_key: str,
-         exits=None, step_plan: StepPlan | None = None, allowed: set[str] | None = None) -> Plan:
+         exits=None, step_plan: StepPlan | None = None, allowed: set[str] | None = None) -> ExecutionPlan:
     """The fastest plan for `workload` on `model` whose predicted peak fits `budget_bytes` (see the module docstring).
 
     `model_key` names the model in the cost table (the rest of the model is measured per model
     and workload); `allowed` limits the kernels (LUC's own is always allowed); `step_plan`
     carries the training step's LoRA settings for the memory estimate.
     """
-    from edgecore.luc.compress import stored_nbytes
-
     modules = scheduled_modules(model)
     layers = 1 + max((int(m[1]) for n in modules if (m := _LAYER.search(f".{n}."))), default=-1)
     choices = []
@@ -258,7 +243,7 @@ def plan(model, workload: Workload, costs: CostTable, *, budget_bytes: int | Non
         stored = sum(b.numel() * b.element_size() for b in module.buffers(recurse=False) if b is not None)
         stored += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
         choices.append(Choice(name, layer, fmt, options, stored_bytes=stored, parkable=isinstance(module, CompressedLinear)))
-    result = Plan(workload, budget_bytes, stored_nbytes(model), workload_bytes(model, workload, step_plan),
+    result = ExecutionPlan(workload, budget_bytes, stored_nbytes(model), workload_bytes(model, workload, step_plan),
                   costs.rest_seconds(model, workload, model_key, exits), choices, layers)
     synthetic_source.cache_clear()  # the random weights kernels were timed on
     if budget_bytes is not None:
@@ -267,7 +252,7 @@ def plan(model, workload: Workload, costs: CostTable, *, budget_bytes: int | Non
     return result
 
 
-def _fit(result: Plan, layers: int, costs: CostTable) -> None:
+def _fit(result: ExecutionPlan, layers: int, costs: CostTable) -> None:
     """Give back memory until the plan fits, the fewest seconds lost per byte freed first; else refuse.
 
     A move is one weight going to a leaner option, or frozen layers (the workload never trains
@@ -306,7 +291,7 @@ def _fit(result: Plan, layers: int, costs: CostTable) -> None:
             "(batch, sequence length, window)")
 
 
-def _set_streamed(result: Plan, layers: list[int]) -> dict:
+def _set_streamed(result: ExecutionPlan, layers: list[int]) -> dict:
     """Stream `layers` (their weights on LUC's kernel); returns what each choice was before, to undo it."""
     before = {}
     for choice in result.choices:
@@ -316,7 +301,7 @@ def _set_streamed(result: Plan, layers: list[int]) -> dict:
     return before
 
 
-def _stream_move(result: Plan, frozen: list[int], costs: CostTable) -> tuple[list[int], float] | None:
+def _stream_move(result: ExecutionPlan, frozen: list[int], costs: CostTable) -> tuple[list[int], float] | None:
     """The next frozen layers to stream, lowest first, as few as free memory: (layers, seconds lost per byte)."""
     waiting = [layer for layer in frozen if not any(c.streamed for c in result.choices if c.layer == layer)]
     if not waiting:

@@ -17,6 +17,9 @@ from transformers import DynamicCache
 from edgecore import lm
 from edgecore.encoding import IGNORE, Batch
 from edgecore.errors import EdgecoreError
+from edgecore.tuning.exits import Exits, default_exits
+from edgecore.tuning.runner import DecoderRun
+from edgecore.tuning.window import window_loss
 
 INFER, TRAIN = "infer", "train"
 KINDS = ("train", "forward", "decode")
@@ -131,8 +134,6 @@ class Workload:
         if self.kind == "train":
             return self._train(model, exits, batch)
         if self.kind == "forward":
-            from edgecore.tuning.runner import DecoderRun
-
             with torch.no_grad():
                 run = DecoderRun(model, batch)
                 hidden = run.run_to(len(run.layers) - 1, grad=False)
@@ -140,9 +141,6 @@ class Workload:
         return greedy_decode(base, batch.input_ids, self.new_tokens)
 
     def _train(self, model, exits, batch: Batch) -> torch.Tensor:
-        from edgecore.tuning.exits import Exits, default_exits
-        from edgecore.tuning.window import window_loss
-
         base = lm.causal_lm(model)
         layers = base.config.num_hidden_layers
         first, last = self.window(layers)

@@ -15,12 +15,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file, save_file
+
 from edgecore import lm
+from edgecore.allocator import allocator_in_effect
 from edgecore.data import Sample
 from edgecore.encoding import Encoder
 from edgecore.errors import EdgecoreError
 from edgecore.finetune import LoraSettings, TrainReport, TrainSettings, resolve_precision, train
-from edgecore.allocator import allocator_in_effect
+from edgecore.luc.compress import stored_nbytes
+from edgecore.luc.layer import CompressedLinear, register_peft
 from edgecore.memory import ModelShape, StepPlan
 from edgecore.tuning.exits import Exits, parse_exits
 from edgecore.tuning.voting import exit_scores, exit_votes, layer_importance, lora_factors
@@ -44,8 +49,6 @@ class AdaptiveSettings:
 
 def stored_weight_bytes(model) -> int:
     """Bytes of the base model's stored tensors (LoRA and exit adapters are counted by the estimator)."""
-    from edgecore.luc.compress import stored_nbytes
-
     base = lm.causal_lm(model)
     return stored_nbytes(base) - sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "lora_" in n)
 
@@ -74,8 +77,6 @@ def prepare(model, settings: AdaptiveSettings, train_settings: TrainSettings, lo
 
 
 def _has_packed_layers(model) -> bool:
-    from edgecore.luc.layer import CompressedLinear
-
     return any(isinstance(m, CompressedLinear) for m in model.modules())
 
 
@@ -140,8 +141,6 @@ def tune(
 
 def save(folder: Path | str, model, exits: Exits, meta: dict | None = None) -> Path:
     """PEFT adapter (adapter_model.safetensors, adapter_config.json) plus exits.safetensors and adaptive.json."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     model.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in exits.state().items()}, str(folder / EXITS_FILE))
@@ -151,11 +150,6 @@ def save(folder: Path | str, model, exits: Exits, meta: dict | None = None) -> P
 
 def load(base_model, folder: Path | str):
     """(PEFT model, Exits, meta) from a folder written by `save`, on top of `base_model`."""
-    from peft import LoraConfig, PeftModel
-    from safetensors.torch import load_file
-
-    from edgecore.luc.layer import register_peft
-
     folder = Path(folder)
     if not (folder / META_FILE).is_file():
         raise EdgecoreError(f"{folder / META_FILE} not found: {folder} is not an adaptive-depth adapter folder")
