@@ -17,8 +17,8 @@ from edgecore import data, profiles
 from edgecore.device import check_compressed_base
 from edgecore.errors import EdgecoreError
 from edgecore.luc.compress import is_compressed_folder
-from server import flower
-from server.addresses import parse_address, parse_port, wait_reachable
+from federation import processes
+from federation.addresses import parse_address, parse_port, wait_reachable
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -66,20 +66,20 @@ def run_supernode(args) -> int:
     config = node_config(args)
     wait_reachable(host, port, tries=args.connect_tries)
     command = [
-        str(flower.BIN / "flower-supernode"), "--superlink", f"{host}:{port}", "--port", str(runtime_port),
+        str(processes.BIN / "flower-supernode"), "--superlink", f"{host}:{port}", "--port", str(runtime_port),
         "--node-config", config, "--max-retries", str(args.max_retries), "--max-wait-time", str(args.max_wait_time),
     ]
     command += ["--root-certificates", str(args.root_certificates)] if args.root_certificates else ["--insecure"]
     flwr_home = args.flwr_home or PROJECT / ".flwr" / f"client-{runtime_port}"
     print(f"joining {host}:{port} with {config} (local runtime port {runtime_port})", flush=True)
-    flower.exit_on_sigterm()
-    process = subprocess.Popen(command, env=flower.flower_env(flwr_home), start_new_session=True)
+    processes.exit_on_sigterm()
+    process = subprocess.Popen(command, env=processes.flower_env(flwr_home), start_new_session=True)
     try:
         return process.wait()
     except KeyboardInterrupt:
         return 130
     finally:
-        flower.stop(process)
+        processes.stop(process)
 
 
 def main(argv: list[str] | None = None) -> int:

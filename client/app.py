@@ -11,8 +11,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.edge_round import Assignment, Device, edge_evaluate, edge_round
-from client.pipeline import ClientData, local_round
-from client.records import from_record, to_metrics, to_record
+from client.plain_round import ClientData, local_round
+from federation.records import from_record, to_metrics, to_record
 from edgecore import wire
 from edgecore.errors import EdgecoreError
 from edgecore.experiment import Experiment

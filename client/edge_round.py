@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from client.device import device_model, device_spec
-from client.pipeline import ClientData, partition_of, round_metrics
+from client.plain_round import ClientData, partition_of, round_metrics
 from edgecore import data, measure, wire
 from edgecore.device import plan_check
 from edgecore.encoding import Encoder

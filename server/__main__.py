@@ -16,8 +16,9 @@ from pathlib import Path
 
 from edgecore.errors import EdgecoreError
 from edgecore.experiment import Experiment
-from server import flower, run_config
-from server.addresses import parse_port
+from federation import processes
+from federation.addresses import parse_port
+from server import run_config
 from server.run_folder import RoundPrinter
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -27,34 +28,34 @@ def start_superlink(host: str, port: int, flwr_home: Path) -> tuple[subprocess.P
     flwr_home.mkdir(parents=True, exist_ok=True)
     log_file = flwr_home / "superlink.log"
     command = [
-        str(flower.BIN / "flower-superlink"), "--insecure", "--host", host, "--port", str(port),
-        "--control-api-address", f"127.0.0.1:{flower.free_port()}",
+        str(processes.BIN / "flower-superlink"), "--insecure", "--host", host, "--port", str(port),
+        "--control-api-address", f"127.0.0.1:{processes.free_port()}",
         "--disable-runtime-dependency-installation",
     ]
     with log_file.open("w") as log:
-        process = subprocess.Popen(command, env=flower.flower_env(flwr_home), stdout=log,
+        process = subprocess.Popen(command, env=processes.flower_env(flwr_home), stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     local = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "") else f"{host}:{port}"
-    flower.wait_healthy(local, process, timeout_s=60, log_file=log_file)
+    processes.wait_healthy(local, process, timeout_s=60, log_file=log_file)
     return process, log_file
 
 
 def serve(host: str, port: int, experiment: Experiment, flwr_home: Path, keep_alive: bool, timeout_s: float) -> dict:
     run_dir, run_name = Path(experiment.run_dir), experiment.run_name
-    flower.exit_on_sigterm()
+    processes.exit_on_sigterm()
     process, log_file = start_superlink(host, port, flwr_home)
     print(f"SuperLink listening on {host}:{port} (log: {log_file}); waiting for {experiment.min_clients} clients", flush=True)
-    env = flower.flower_env(flwr_home)
+    env = processes.flower_env(flwr_home)
     try:
-        flower.write_connection(flwr_home, "self", f"127.0.0.1:{port}")
-        run_id = flower.submit_run(PROJECT, "self", env, run_config=run_config.as_flwr_overrides(experiment))
+        processes.write_connection(flwr_home, "self", f"127.0.0.1:{port}")
+        run_id = processes.submit_run(PROJECT, "self", env, run_config=run_config.as_flwr_overrides(experiment))
         print(f"run {run_id} started; run folder {run_dir / run_name}", flush=True)
-        status = flower.await_completion(run_id, "self", env, timeout_s, on_poll=RoundPrinter(run_dir / run_name))
+        status = processes.await_completion(run_id, "self", env, timeout_s, on_poll=RoundPrinter(run_dir / run_name))
         if keep_alive:
             print("run finished; the SuperLink stays up (--keep-alive): stop it with Ctrl-C", flush=True)
             process.wait()
     finally:
-        flower.stop(process)
+        processes.stop(process)
     return {"run_id": run_id, "status": status, "run_folder": str(run_dir / run_name)}
 
 

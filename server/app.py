@@ -8,7 +8,7 @@ import time
 from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from client.records import from_record, to_metrics, to_record
+from federation.records import from_record, to_metrics, to_record
 from edgecore import lm
 from edgecore.experiment import Experiment
 from server.evaluation import GlobalModel

@@ -30,7 +30,7 @@ from typing import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from client.records import from_record, to_record
+from federation.records import from_record, to_record
 from edgecore import wire
 from server import aggregation
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from edgecore.errors import EdgecoreError
 from edgecore.fleet import resolve_fleet
-from server import flower
+from federation import processes
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -38,11 +38,11 @@ def _start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
 def run(fleet_name: str, overrides: str, work: Path, data: str, separate_disks: bool, timeout_s: float) -> dict:
     fleet = resolve_fleet(fleet_name)
     slots = fleet.slots
-    port = flower.free_port()
+    port = processes.free_port()
     work.mkdir(parents=True, exist_ok=True)
     config = f"min-clients={len(slots)} run-dir={json.dumps(str(work / 'runs'))} {overrides}".strip()
     started = time.perf_counter()
-    processes = [_start(["-m", "server", "--host", "127.0.0.1", "--port", str(port), "--flwr-home", str(work / "server"),
+    children = [_start(["-m", "server", "--host", "127.0.0.1", "--port", str(port), "--flwr-home", str(work / "server"),
                          "-c", config], work / "server.log", dict(os.environ))]
     try:
         for i, slot in enumerate(slots):
@@ -51,22 +51,22 @@ def run(fleet_name: str, overrides: str, work: Path, data: str, separate_disks: 
                 env["EDGECORE_CACHE"] = str(work / f"disk-{i}")
             command = ["-m", "client", "--server", f"127.0.0.1:{port}", "--data", data, "--partition-id", str(i),
                        "--num-partitions", str(len(slots)), "--device-profile", slot.device.source or slot.device.name,
-                       "--runtime-port", str(flower.free_port()), "--flwr-home", str(work / f"client-{i}")]
+                       "--runtime-port", str(processes.free_port()), "--flwr-home", str(work / f"client-{i}")]
             command += ["--lora-rank", str(slot.lora_rank)] if slot.lora_rank else []
-            processes.append(_start(command, work / f"client-{i}.log", env))
-        server = processes[0]
+            children.append(_start(command, work / f"client-{i}.log", env))
+        server = children[0]
         try:
             server.wait(timeout_s)
         except subprocess.TimeoutExpired:
             raise EdgecoreError(f"the run did not end within {timeout_s:.0f} s; logs in {work}") from None
     finally:
-        for process in reversed(processes):
-            flower.stop(process)
+        for process in reversed(children):
+            processes.stop(process)
     lines = (work / "server.log").read_text().strip().splitlines()
     try:
         outcome = json.loads(lines[-1])
     except (IndexError, ValueError):
-        raise EdgecoreError(f"the server ended without an outcome (exit {processes[0].returncode}); see {work / 'server.log'}") from None
+        raise EdgecoreError(f"the server ended without an outcome (exit {children[0].returncode}); see {work / 'server.log'}") from None
     return {**outcome, "wall_s": time.perf_counter() - started, "logs": str(work)}
 
 

@@ -17,27 +17,28 @@ from pathlib import Path
 
 from edgecore.errors import EdgecoreError
 from edgecore.experiment import Experiment
-from server import flower, run_config
+from federation import processes
+from server import run_config
 from server.run_folder import RoundPrinter
 
 PROJECT = Path(__file__).resolve().parent.parent
 
 
 def start_simulation_superlink(flwr_home: Path) -> tuple[subprocess.Popen, str, Path]:
-    port, control = flower.free_port(), flower.free_port()
+    port, control = processes.free_port(), processes.free_port()
     address = f"127.0.0.1:{port}"
     flwr_home.mkdir(parents=True, exist_ok=True)
     log_file = flwr_home / "superlink.log"
     command = [
-        str(flower.BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        str(processes.BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
         "--host", "127.0.0.1", "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
         "--disable-runtime-dependency-installation",
     ]
     with log_file.open("w") as log:
         process = subprocess.Popen(
-            command, env=flower.flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command, env=processes.flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    flower.wait_healthy(address, process, timeout_s=60, log_file=log_file)
+    processes.wait_healthy(address, process, timeout_s=60, log_file=log_file)
     return process, address, log_file
 
 
@@ -56,17 +57,17 @@ def simulate(
     experiment = run_config.pin_run_folder(experiment, "sim")
     run_folder = Path(experiment.run_dir) / experiment.run_name
     process, address, log_file = start_simulation_superlink(flwr_home)
-    env = flower.flower_env(flwr_home)
+    env = processes.flower_env(flwr_home)
     try:
-        flower.write_connection(flwr_home, "sim", address)
+        processes.write_connection(flwr_home, "sim", address)
         federation = f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client}"
         started = time.perf_counter()
-        run_id = flower.submit_run(PROJECT, "sim", env, run_config=run_config.as_flwr_overrides(experiment),
+        run_id = processes.submit_run(PROJECT, "sim", env, run_config=run_config.as_flwr_overrides(experiment),
                                    federation_config=federation)
         print(f"run {run_id} submitted to the simulation SuperLink at {address} (log: {log_file})", flush=True)
-        status = flower.await_completion(run_id, "sim", env, timeout_s, on_poll=RoundPrinter(run_folder))
+        status = processes.await_completion(run_id, "sim", env, timeout_s, on_poll=RoundPrinter(run_folder))
     finally:
-        flower.stop(process)
+        processes.stop(process)
     return {"run_id": run_id, "status": status, "wall_s": time.perf_counter() - started, "run_folder": str(run_folder)}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from client.records import to_record
+from federation.records import to_record
 from conftest import needs_bbc
 from edgecore.errors import EdgecoreError
 from server.aggregation import ServerOptimizer

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_bbc
-from server.flower import free_port
+from federation.processes import free_port
 from test_federation import _overrides, _stop
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,12 +14,12 @@ from flwr.app import MetricRecord, RecordDict
 from peft import PeftModel
 from safetensors.numpy import load_file
 
-from client.records import to_record
+from federation.records import to_record
 from conftest import needs_bbc
 from edgecore import models, wire
 from edgecore.experiment import Experiment
 from edgecore.finetune import add_lora
-from server.flower import free_port
+from federation.processes import free_port
 from server.aggregation import ServerOptimizer
 from server.strategy import FleetStrategy
 
