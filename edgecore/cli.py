@@ -1,4 +1,9 @@
-"""`python -m edgecore COMMAND`: the device-side pipeline from the command line."""
+"""`python -m edgecore COMMAND`: the device-side pipeline from the command line.
+
+Each command imports what it runs inside its own function: `--help` and a typo answer in a
+fraction of a second instead of after torch and transformers load (the only lazy imports
+in the project; tests/test_architecture.py allows them for command-line entry points only).
+"""
 
 from __future__ import annotations
 
@@ -241,7 +246,7 @@ def _compress_parser(sub) -> None:
 
 def _compress(args) -> None:
     from edgecore.device import planning_profile
-    from edgecore.luc import compress as luc
+    from edgecore import luc
     from edgecore.luc import pipeline
     from edgecore import models
     from edgecore.memory import MIB
@@ -250,7 +255,7 @@ def _compress(args) -> None:
     # Every input is checked before the slow work starts.
     profile = resolve_profile(args.device)
     shape = models.shape(args.model)
-    plan = luc.default_tuning_plan(shape, args.batch, args.seq_len, args.tuning_window)
+    plan = luc.tuning_reserve_step(shape, args.batch, args.seq_len, args.tuning_window)
     budget = None if args.weight_budget_mb is None else int(args.weight_budget_mb * MIB)
     if budget is not None and budget <= 0:
         raise EdgecoreError(f"--weight-budget-mb {args.weight_budget_mb} must be positive")
@@ -270,7 +275,7 @@ def _compress(args) -> None:
     policy = result.policy
     rows = policy.table(shape)
     memory = luc.summarize_memory(policy, result.model)
-    dense_mb = luc.policy_nbytes(shape, [luc.Candidate()] * shape.layers, luc.EMBEDDING_DENSE, args.group_size) / MIB
+    dense_mb = luc.dense_nbytes(shape, args.group_size) / MIB
     print(f"{'layer':>10}  {'sensitivity':>11}  {'sparsity':>8}  {'bits':>4}  {'MB':>7}")
     for row in rows:
         sparsity = row["sparsity"] if isinstance(row["sparsity"], str) else f"{row['sparsity']:.0%}"
@@ -282,7 +287,7 @@ def _compress(args) -> None:
     cached = " (from cache)" if result.from_cache else ""
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()) + cached)
     luc.save_compressed(out, result.model, result.tokenizer, policy)
-    print(f"compressed model: {out} (reload with edgecore.luc.compress.load_compressed)")
+    print(f"compressed model: {out} (reload with edgecore.luc.load_compressed)")
     if args.json:
         report = {
             "model": args.model, "device": profile.summary(), "data": args.data, "out": str(out),
