@@ -38,7 +38,7 @@ class Experiment:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     precision: str = "auto"
     seed: int = 0
-    min_clients: int = 4  # a round waits for this many connected clients
+    min_clients: int = 3  # a round waits for this many connected clients
     fraction_train: float = 1.0
     eval_samples: int = 100  # server-side test samples per evaluation; 0 = the whole test split
     eval_batch_size: int = 16
@@ -48,7 +48,7 @@ class Experiment:
     save_client_updates: bool = False  # keep every accepted client update in the checkpoints (audit, debugging)
     # Heterogeneous fleets (edgecore.fleet): "" = every client tunes the dense model at full depth.
     pipeline: str = "edge"  # "edge": each client runs edgecore for its device; "plain": dense LoRA at full depth everywhere
-    fleet: str = ""  # a shipped fleet name (configs/fleets/) or a fleet file
+    fleet: str = "demo"  # a shipped fleet name (configs/fleets/) or a fleet file; "" = every client dense
     aggregation: str = "fedavg"  # fedavg | fedprox | fedadam
     proximal_mu: float = 0.01  # fedprox: the clients' proximal weight
     server_lr: float = 0.01  # fedadam: the server's learning rate

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -239,7 +239,3 @@ def _add_proximal_gradient(params, anchors, mu: float) -> None:
         for param, anchor in zip(params, anchors):
             if param.grad is not None:
                 param.grad.add_(param - anchor, alpha=mu)
-
-
-def settings_dict(*settings) -> dict:
-    return {type(s).__name__: asdict(s) for s in settings}

@@ -158,6 +158,17 @@ class StepPlan:
     attention: str = "sdpa"
     allocator: str = "glibc"  # "returning" once limit_heap_fragmentation() is in effect
 
+    @classmethod
+    def from_settings(cls, train: Any, lora: Any, *, precision: str, **fields_: Any) -> "StepPlan":
+        """The step that training settings run with adapters `lora`.
+
+        `train` has batch_size and seq_len (edgecore.finetune.TrainSettings, or a device spec),
+        `lora` has r, targets and dropout (edgecore.finetune.LoraSettings). `precision` is the
+        resolved compute precision ("fp32" or "bf16", never "auto"); `fields_` set the rest.
+        """
+        return cls(batch=train.batch_size, seq_len=train.seq_len, lora_r=lora.r, lora_targets=tuple(lora.targets),
+                   lora_dropout=lora.dropout, precision=precision, **fields_)
+
     def check(self, shape: ModelShape) -> None:
         """Raise EdgecoreError naming the field when the plan does not fit the model."""
         for name in ("batch", "seq_len", "lora_r"):

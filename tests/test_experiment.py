@@ -45,3 +45,9 @@ def test_experiment_files_name_themselves_in_errors(tmp_path):
         Experiment.from_toml(tmp_path / "missing.toml")
     for path in (ROOT / "configs" / "experiments").glob("*.toml"):
         Experiment.from_toml(path)
+
+
+def test_the_experiment_defaults_are_the_app_config():
+    """One set of defaults: pyproject's app config (what `flwr run .` uses) spells out Experiment's own."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert Experiment().as_run_config() == config

@@ -59,10 +59,8 @@ def prepare(model, settings: AdaptiveSettings, train_settings: TrainSettings, lo
     shape = ModelShape.from_config(base.config)
     layers = parse_exits(settings.exits, shape.layers)
     exits = Exits(layers, shape.hidden, settings.exit_rank)
-    plan = StepPlan(
-        batch=train_settings.batch_size, seq_len=train_settings.seq_len, lora_r=lora.r,
-        lora_targets=tuple(lora.targets), lora_dropout=lora.dropout,
-        precision=resolve_precision(train_settings.precision), weight_bytes=stored_weight_bytes(model),
+    plan = StepPlan.from_settings(
+        train_settings, lora, precision=resolve_precision(train_settings.precision), weight_bytes=stored_weight_bytes(model),
         allocator=allocator_in_effect(), packed_weights=_has_packed_layers(base),
     )
     if settings.window is not None:
