@@ -16,8 +16,8 @@ from pathlib import Path
 from edgecore import data, profiles
 from edgecore.device import check_compressed_base
 from edgecore.errors import EdgecoreError
-from edgecore.luc.compress import is_compressed_folder
-from federation import processes
+from edgecore.luc.saved import is_compressed_folder
+from federation import processes, protocol
 from federation.addresses import parse_address, parse_port, wait_reachable
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -39,11 +39,14 @@ def node_config(args) -> str:
         raise EdgecoreError(f"--device-profile {device!r}: a path with a double quote cannot be passed to Flower; rename it")
     if args.lora_rank is not None and args.lora_rank < 1:
         raise EdgecoreError(f"--lora-rank {args.lora_rank} must be at least 1")
-    config = f'data="{spec}" partition-id={args.partition_id} num-partitions={args.num_partitions} device-profile="{device}"'
+    config = {protocol.NODE_DATA: spec, protocol.NODE_PARTITION_ID: args.partition_id,
+              protocol.NODE_NUM_PARTITIONS: args.num_partitions, protocol.NODE_DEVICE_PROFILE: device}
     print(f"device profile: {profile.name}, {profile.memory_budget_mb:.0f} MB for the job", flush=True)
     if args.model is not None:
-        config += f' model="{brought_base(args.model, profile)}"'
-    return config + (f" lora-rank={args.lora_rank}" if args.lora_rank else "")
+        config[protocol.NODE_MODEL] = brought_base(args.model, profile)
+    if args.lora_rank:
+        config[protocol.NODE_LORA_RANK] = args.lora_rank
+    return " ".join(f'{key}="{value}"' if isinstance(value, str) else f"{key}={value}" for key, value in config.items())
 
 
 def brought_base(folder: str, profile: profiles.DeviceProfile) -> str:

@@ -1,4 +1,4 @@
-"""One round of the edgecore pipeline on a device, Flower-free: global adapter in, trained tensors, votes and metrics out.
+"""One round of the edgecore pipeline on a device: a federation.protocol.TrainInstruction in, a TrainReply out.
 
     1. the device model (client.device): the base compressed by LUC when the budget needs it,
        LoRA at the device's rank, exits, and the deepest tuning window that fits;
@@ -9,6 +9,10 @@
        importance (how far each layer's LoRA update moved);
     5. only the tensors that trained go back (the window's LoRA tensors and the exit adapters
        used), with the votes, the window and the measured memory of the job.
+
+No Flower types here: the instruction and the reply are the protocol's dataclasses, and their
+conversion to records is the protocol's. `edge_evaluate` scores the global adapter on the
+device's own base for the server's evaluation round (an EvaluateReply).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from edgecore.evaluate import evaluate
 from edgecore.experiment import Experiment
 from edgecore.profiles import DeviceProfile
 from edgecore.tuning import adaptive
+from federation.protocol import COMPRESSED, EvaluateReply, TrainInstruction, TrainReply
 
 log = logging.getLogger(__name__)
 
@@ -43,26 +48,17 @@ class Device:
     model: str | None = None  # a base compressed elsewhere for this device (None: the experiment's model)
 
 
-@dataclass(frozen=True)
-class Assignment:
-    """What the server asks of a client this round."""
-
-    exit_weights: tuple[float, ...] | None = None  # the global exit weights; None before the first votes
-    exit_layer: int | None = None  # the exit whose window to train; None: the client's adaptive choice
-
-
 @lru_cache(maxsize=4)
 def _validation(client: ClientData, seed: int) -> tuple[data.Sample, ...]:
     dataset, _ = partition_of(client, seed)  # the dataset already loaded for training
     return tuple(data.share(dataset.validation, client.num_partitions, client.partition_id, client.scheme, seed=seed))
 
 
-def edge_round(
-    experiment: Experiment, client: ClientData, device: Device, global_arrays: wire.Arrays, server_round: int,
-    assignment: Assignment,
-) -> tuple[wire.Arrays, dict]:
-    """Run the round (see the module docstring); returns the trained tensors and the metrics."""
+def edge_round(experiment: Experiment, client: ClientData, device: Device, instruction: TrainInstruction) -> TrainReply:
+    """Run the round the server asked for (see the module docstring): the assigned exit's window, or
+    with no assignment the exits the adaptive rule draws from the global exit weights."""
     started = time.perf_counter()
+    global_arrays, server_round = instruction.arrays, instruction.server_round
     dataset, samples = partition_of(client, experiment.seed)
     validation = list(_validation(client, experiment.seed)[: experiment.vote_samples]) or dataset.validation[: experiment.vote_samples]
     prepare_started = time.perf_counter()
@@ -77,7 +73,7 @@ def edge_round(
     result = adaptive.tune(
         dev.model, dev.exits, dev.depth, encoder, list(samples), validation,
         replace(experiment.train_settings(server_round), precision=dev.compute_precision),
-        exit_weights=assignment.exit_weights, assigned_exit=assignment.exit_layer, progress=False, on_step=check,
+        exit_weights=instruction.exit_weights, assigned_exit=instruction.assigned_exit, progress=False, on_step=check,
     )
     verdict = check.finish() if check else None
     trained_layers = {layer for layer, steps in enumerate(result.layer_steps) if steps}
@@ -85,10 +81,9 @@ def edge_round(
     arrays = {k: v for k, v in wire.adapter_arrays(dev.model).items() if wire.layer_of(k) in trained_layers}
     arrays.update({k: v for k, v in wire.exit_arrays(dev.exits).items() if wire.layer_of(k) in trained_exits})
     metrics = {
-        **round_metrics(result.report, len(samples), started, weights_mb, rss_before, arrays, global_arrays, client),
+        **round_metrics(result.report, started, weights_mb, rss_before, arrays, global_arrays, client),
         "estimate-mb": dev.depth.estimate_mb,
         "budget-mb": device.profile.memory_budget_mb,
-        "compressed": int(dev.compressed),
         "scheduled": int(dev.executor is not None and dev.executor.installed),  # edgecore.schedule's kernels run it
         "plan-checked": int(verdict is not None),
         "plan-measured-s": verdict.plan_s if verdict else 0.0,
@@ -102,21 +97,20 @@ def edge_round(
         "build-peak-mb": dev.build["peak_mb"] if dev.built and not reused else 0.0,
         "bf16": int(dev.precision == "bf16"),
         "compute-bf16": int(dev.compute_precision == "bf16"),
-        "lora-rank": dev.lora.r,
-        "window": dev.depth.layers,
         "exit-steps": [sum(1 for h in result.history if h["exit"] == e) for e in dev.exits.layers],
         "exits": list(dev.exits.layers),
-        "votes": list(result.votes),
-        "importance": list(result.importance),
-        "layer-steps": list(result.layer_steps),
     }
     log.info("round %d partition %d on %s: window %d at exits %s, loss %.3f -> %.3f, job %.0f of %.0f MB",
              server_round, client.partition_id, device.profile.name, dev.depth.layers, sorted(trained_exits),
              metrics["first-loss"], metrics["train-loss"], metrics["job-peak-mb"], metrics["budget-mb"])
-    return arrays, metrics
+    return TrainReply(
+        arrays=arrays, num_examples=len(samples), device=device.profile.name, lora_rank=dev.lora.r,
+        window=dev.depth.layers, compressed=bool(dev.compressed), votes=tuple(result.votes),
+        importance=tuple(result.importance), layer_steps=tuple(result.layer_steps), report=metrics,
+    )
 
 
-def edge_evaluate(experiment: Experiment, client: ClientData, device: Device, global_arrays: wire.Arrays) -> dict:
+def edge_evaluate(experiment: Experiment, client: ClientData, device: Device, global_arrays: wire.Arrays) -> EvaluateReply:
     """Accuracy of the global adapter on this device's own base (compressed or dense), full depth."""
     dataset, _ = partition_of(client, experiment.seed)
     dev = _device_model(experiment, client, device)
@@ -125,8 +119,10 @@ def edge_evaluate(experiment: Experiment, client: ClientData, device: Device, gl
     test = dataset.test[: experiment.device_eval_samples]
     metrics = evaluate(dev.model, encoder, test, batch_size=experiment.eval_batch_size,
                        precision=dev.compute_precision, progress=False)
-    return {"num-examples": len(test), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-            "compressed": int(dev.compressed), "weights-mb": dev.weights_mb}
+    accuracy = metrics.pop("accuracy", None)
+    report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return EvaluateReply(num_examples=len(test), device=device.profile.name, accuracy=accuracy,
+                         report={**report, COMPRESSED: int(dev.compressed), "weights-mb": dev.weights_mb})
 
 
 def _device_model(experiment: Experiment, client: ClientData, device: Device):

@@ -1,9 +1,11 @@
-"""One client round, Flower-free: global adapter in, trained adapter and metrics out.
+"""The plain round: dense LoRA at full depth, the global adapter in, a federation.protocol.TrainReply out.
 
-`local_round` is the single path every client takes; later stages (compression for the
-device's budget, adaptive depth, voting) extend it here. The base model and the data
-partition are cached per process: Flower's simulation keeps its actor processes across
-rounds, so only the first round pays for loading.
+What a client of `pipeline = "plain"` runs (client.edge_round is the edge pipeline's round).
+It also holds what both rounds share: where a client's data comes from (`ClientData`, its
+partition cached per process) and the metrics every round reports (`round_metrics`). The base
+model is cached per process too: Flower's simulation keeps its actor processes across rounds,
+so only the first round pays for loading. No Flower types here: the reply's conversion to
+records is the protocol's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from edgecore.finetune import LoraSettings, add_lora, train
 from edgecore.allocator import HEAP_THRESHOLD_BYTES, limit_heap_fragmentation
 from edgecore.memory import MIB
 from edgecore.tuning.adaptive import stored_weight_bytes
+from federation.protocol import PLAIN_DEVICE, TrainReply
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +56,10 @@ def _model(name: str, lora: LoraSettings, seed: int):
     return add_lora(model, lora), tokenizer
 
 
-def round_metrics(report, examples: int, started: float, weights_mb: float, rss_before: float,
+def round_metrics(report, started: float, weights_mb: float, rss_before: float,
                   arrays: dict, global_arrays: dict, client: ClientData) -> dict:
-    """What every client round reports, plain or edge."""
+    """What every client round reports, plain or edge (the TrainReply's report)."""
     return {
-        "num-examples": examples,
         "train-loss": report.final_loss,
         "first-loss": report.steps[0].loss,
         "step-s": report.mean_step_s,
@@ -76,8 +78,8 @@ def round_metrics(report, examples: int, started: float, weights_mb: float, rss_
 
 def local_round(
     experiment: Experiment, client: ClientData, global_arrays: dict[str, np.ndarray], server_round: int
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Train the global adapter on this client's partition; return the new adapter and metrics."""
+) -> TrainReply:
+    """Train the global adapter on this client's partition; the reply holds the new adapter and the metrics."""
     started = time.perf_counter()
     dataset, samples = partition_of(client, experiment.seed)
     model, tokenizer = _model(experiment.model, experiment.lora(), experiment.seed)
@@ -89,7 +91,7 @@ def local_round(
     report = train(model, encoder, list(samples), settings, progress=False)
     weights_mb = stored_weight_bytes(model) / MIB
     arrays = wire.adapter_arrays(model)
-    metrics = round_metrics(report, len(samples), started, weights_mb, rss_before, arrays, global_arrays, client)
+    metrics = round_metrics(report, started, weights_mb, rss_before, arrays, global_arrays, client)
     log.info("round %d partition %d: loss %.3f -> %.3f in %.1f s", server_round, client.partition_id,
              metrics["first-loss"], metrics["train-loss"], metrics["round-s"])
-    return arrays, metrics
+    return TrainReply(arrays=arrays, num_examples=len(samples), device=PLAIN_DEVICE, report=metrics)

@@ -4,16 +4,13 @@ Pure numpy, no Flower: the strategy calls these on the named fp32 arrays of `edg
 
 The global adapter is kept at the fleet's largest LoRA rank R. A client of rank r < R gets the
 global arrays cut to r (`truncate`) and sends back tensors of rank r, and only for the decoder
-layers of its window plus its exit (`tensors_of_window`). `update_problems` checks an update
-against that contract, `partial_average` merges the updates element by element over the
-clients that really hold each element, and `ServerOptimizer` turns the average into the next
-global adapter (FedAvg, or FedAdam over the averaged delta). `global_exit_weights` merges the
-clients' votes on how much each exit should count, and `LayerLedger` decides which window
-(exit) each client trains next round.
-
-Two kinds of tensor travel:
-- PEFT LoRA keys, `...layers.<L>...lora_A.weight` (rank x in) and `...lora_B.weight` (out x rank);
-- exit adapters, `exit.<L>.down` (rank x hidden) and `exit.<L>.up` (hidden x rank).
+layers of its window plus its exit. What a client may send, and the check of an update against
+it, are `federation.validation`'s (`tensors_of_window`, `update_problems`), called from the one
+place a reply is parsed (`federation.protocol`). Here, `partial_average` merges the accepted
+updates element by element over the clients that really hold each element, and
+`ServerOptimizer` turns the average into the next global adapter (FedAvg, or FedAdam over the
+averaged delta). `global_exit_weights` merges the clients' votes on how much each exit should
+count, and `LayerLedger` decides which window (exit) each client trains next round.
 """
 
 from __future__ import annotations
@@ -24,7 +21,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from edgecore.errors import EdgecoreError
-from edgecore.wire import EXIT_PREFIX, layer_of, rank_axis, rank_slice, with_rank
+from edgecore.experiment import AGGREGATIONS
+from edgecore.wire import rank_axis, rank_slice, with_rank
+from federation.validation import nonnegative_vector, positive_number
 
 Arrays = dict[str, np.ndarray]
 
@@ -33,93 +32,7 @@ Arrays = dict[str, np.ndarray]
 TIE_TOLERANCE = 1e-9
 
 
-# --- What a client may send ---------------------------------------------------------------
-
-
-def tensors_of_window(global_arrays: Mapping[str, np.ndarray], first_layer: int, last_layer: int, exit_layer: int) -> set[str]:
-    """Names a client training decoder layers first..last (inclusive) and the exit at `exit_layer` may send."""
-    if not 0 <= first_layer <= last_layer:
-        raise EdgecoreError(
-            f"window layers {first_layer}..{last_layer} are not a range; need 0 <= first_layer <= last_layer"
-        )
-    exit_names = {f"exit.{exit_layer}.down", f"exit.{exit_layer}.up"}
-    names = {name for name in global_arrays if name in exit_names}
-    for name in global_arrays:
-        layer = layer_of(name)
-        if not name.startswith(EXIT_PREFIX) and layer is not None and first_layer <= layer <= last_layer:
-            names.add(name)
-    return names
-
-
-def _tensor_problems(name: str, value, reference: np.ndarray, rank: int) -> list[str]:
-    """Shape, dtype and value problems of one sent tensor against its global tensor."""
-    axis = rank_axis(name)
-    global_rank = reference.shape[axis]
-    if rank > global_rank:
-        return [f"{name}: declared rank {rank} exceeds the global rank {global_rank}; the client must train at rank <= {global_rank}"]
-    expected = with_rank(reference.shape, axis, rank)
-    value = np.asarray(value)
-    if value.shape != expected:
-        return [f"{name}: shape {tuple(value.shape)}, expected {expected} for rank {rank}"]
-    if value.dtype != np.float32:
-        return [f"{name}: dtype {value.dtype}, expected float32; convert before sending"]
-    if not np.isfinite(value).all():
-        return [f"{name}: {int((~np.isfinite(value)).sum())} non-finite values (NaN/inf); training diverged"]
-    return []
-
-
-def update_problems(
-    update: Mapping[str, np.ndarray],
-    global_arrays: Mapping[str, np.ndarray],
-    *,
-    allowed: set[str] | None,
-    rank: int,
-    max_delta_norm: float,
-) -> list[str]:
-    """Why a client update must be rejected (empty when it is fine).
-
-    The update is a rank-`rank` client's answer to the global adapter truncated to `rank`: every
-    tensor must be a global one, assigned to it this round (when `allowed` is given), of the
-    global shape with the rank axis at `rank`, fp32 and finite. Its L2 distance from the
-    truncated global adapter, over all sent tensors, must not exceed `max_delta_norm`, which
-    catches exploded or scaled-up updates; the distance is only measured on a well-formed update.
-    """
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        return [f"declared rank {rank!r} is not a positive integer"]
-    if not update:
-        return ["update is empty: it sends no tensor"]
-    problems, squared = [], 0.0
-    for name in sorted(update):
-        value = update[name]
-        if name not in global_arrays:
-            problems.append(f"{name}: not in the global adapter; the client sent a tensor the server never sent")
-            continue
-        if allowed is not None and name not in allowed:
-            problems.append(f"{name}: not assigned this round; the client must send only its window's tensors")
-            continue
-        reference = global_arrays[name]
-        found = _tensor_problems(name, value, reference, rank)
-        problems.extend(found)
-        if not found:
-            start = reference[rank_slice(rank_axis(name), rank)].astype(np.float64)
-            squared += float(np.square(np.asarray(value, dtype=np.float64) - start).sum())
-    delta = math.sqrt(squared)
-    if not problems and delta > max_delta_norm:
-        problems.append(
-            f"update distance {delta:.3g} from the global adapter exceeds the limit {max_delta_norm:.3g} (max-update-norm)"
-        )
-    return problems
-
-
 # --- Averaging ----------------------------------------------------------------------------
-
-
-def _positive_weight(weight, what: str) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
-        raise EdgecoreError(f"{what}: weight {weight!r} is not a number; give its num_examples")
-    if not (math.isfinite(weight) and weight > 0):
-        raise EdgecoreError(f"{what}: weight {weight!r} must be a finite number > 0 (its num_examples)")
-    return float(weight)
 
 
 def _held_index(name: str, value: np.ndarray, reference: np.ndarray) -> tuple[slice, slice]:
@@ -154,7 +67,7 @@ def partial_average(
     weights: dict[str, np.ndarray] = {}
     contributors = {name: 0 for name in global_arrays}
     for number, (arrays, examples) in enumerate(updates):
-        weight = _positive_weight(examples, f"update {number}")
+        weight = positive_number(examples, f"update {number}")
         for name, value in arrays.items():
             if name not in global_arrays:
                 raise EdgecoreError(f"update {number}: tensor {name!r} is not in the global adapter; run update_problems first")
@@ -189,7 +102,7 @@ class ServerOptimizer:
     somebody sent move; the others, and their moments, stay as they are.
     """
 
-    KINDS = ("fedavg", "fedprox", "fedadam")
+    KINDS = AGGREGATIONS  # the names an experiment may give (edgecore.experiment)
 
     def __init__(self, kind: str = "fedavg", lr: float = 1.0, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
         if kind not in self.KINDS:
@@ -233,21 +146,12 @@ class ServerOptimizer:
 # --- Exit weights -------------------------------------------------------------------------
 
 
-def _nonnegative_vector(vector, length: int, what: str, entry: str) -> np.ndarray:
-    values = np.asarray(vector, dtype=np.float64)
-    if values.shape != (length,):
-        raise EdgecoreError(f"{what} has shape {values.shape}, expected ({length},): one entry per {entry}")
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise EdgecoreError(f"{what} is {values.tolist()}; entries must be finite and >= 0")
-    return values
-
-
 def _weighted_mean(vectors: Sequence[tuple[Sequence[float], float]], length: int, what: str, entry: str) -> np.ndarray | None:
     """Examples-weighted mean of validated vectors; None when there are none."""
     total, weight_sum = np.zeros(length), 0.0
     for number, (vector, examples) in enumerate(vectors):
-        weight = _positive_weight(examples, f"{what} {number}")
-        total += weight * _nonnegative_vector(vector, length, f"{what} {number}", entry)
+        weight = positive_number(examples, f"{what} {number}")
+        total += weight * nonnegative_vector(vector, length, f"{what} {number}", entry)
         weight_sum += weight
     return total / weight_sum if weight_sum else None
 
@@ -364,7 +268,7 @@ class LayerLedger:
     def _exit_weights(cls, exits: list[int], exit_weights: Sequence[float] | None) -> dict[int, float]:
         if exit_weights is None:
             return {e: 1.0 for e in exits}
-        vector = _nonnegative_vector(exit_weights, len(exits), "exit weights", "weight")
+        vector = nonnegative_vector(exit_weights, len(exits), "exit weights", "weight")
         floor = cls.EXIT_WEIGHT_FLOOR / len(exits)
         return {e: max(float(w), floor) for e, w in zip(exits, vector)}
 

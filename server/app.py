@@ -1,4 +1,9 @@
-"""The Flower ServerApp: federated averaging of LoRA adapters with server-side evaluation."""
+"""The Flower ServerApp: federated averaging of LoRA adapters with server-side evaluation.
+
+The round loop is server.strategy.FleetStrategy's; what travels between it and the clients is
+federation.protocol's. Each round's global adapter is evaluated here on the dense base and
+recorded, with what every client reported, in the run folder (server.run_folder).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,13 @@ import time
 from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from federation.records import from_record, to_metrics, to_record
 from edgecore import lm
 from edgecore.experiment import Experiment
+from federation import protocol
+from federation.records import from_record, to_metrics, to_record
+from server.aggregation import ServerOptimizer
 from server.evaluation import GlobalModel
 from server.run_folder import RunFolder, clients_within_budget, contribution
-from server.aggregation import ServerOptimizer
 from server.strategy import FleetStrategy
 
 log = logging.getLogger(__name__)
@@ -81,7 +87,7 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=to_record(initial),
         num_rounds=experiment.num_rounds,
-        train_config=ConfigRecord({"num-rounds": experiment.num_rounds}),
+        train_config=ConfigRecord({protocol.NUM_ROUNDS: experiment.num_rounds}),
         evaluate_fn=evaluate_and_record,
     )
     final = from_record(result.arrays) or initial  # no round produced an update: the initial adapter stands

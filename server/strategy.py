@@ -6,9 +6,9 @@ Per round:
       knows its window depth, the exit whose window it trains (LayerLedger.assign_windows:
       the fleet covers the least-trained, most important layers first, deep windows going
       to the devices that can afford them);
-  aggregate_train: every update is checked (server.aggregation.update_problems: only the
-      tensors of its assigned window, at its declared rank, finite, not too far from the
-      global); every sampled client whose update was not accepted is recorded with why: an
+  aggregate_train: every reply is parsed and checked in one place (federation.protocol:
+      TrainReply.parse, then TrainReply.problems: only the tensors of its assigned window, at
+      its declared rank, finite, not too far from the global); every sampled client whose update was not accepted is recorded with why: an
       error reply (its ClientApp raised, or the SuperLink could not reach it), a rejected
       update, or no reply at all; the accepted ones are averaged tensor by tensor over the
       clients that sent them (partial_average), then the server optimizer (FedAvg / FedProx /
@@ -19,19 +19,24 @@ Per round:
       adapter on it (the dense base is the server's own evaluation), so the run folder shows
       what the adapter does on each device.
 Clients of the plain pipeline send every LoRA tensor at the global rank and no votes; they
-are averaged the same way, which is then exactly FedAvg.
+are averaged the same way, which is then exactly FedAvg. Every message is a federation.protocol
+dataclass; no record key is spelled here.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from federation import protocol
+from federation.protocol import EvaluateInstruction, EvaluateReply, Expectation, ProtocolError, TrainInstruction, TrainReply
 from federation.records import from_record, to_record
 from edgecore import wire
+from federation.validation import tensors_of_window
 from server import aggregation
 
 log = logging.getLogger(__name__)
@@ -46,7 +51,8 @@ class FleetStrategy(FedAvg):
 
     def __init__(self, *, exits: tuple[int, ...], layers: int, optimizer: aggregation.ServerOptimizer,
                  max_update_norm: float, keep_updates: bool = False, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(weighted_by_key=protocol.NUM_EXAMPLES, arrayrecord_key=protocol.ARRAYS,
+                         configrecord_key=protocol.CONFIG, **kwargs)
         self.max_update_norm = max_update_norm
         self.keep_updates = keep_updates
         self.global_arrays: dict = {}
@@ -79,15 +85,15 @@ class FleetStrategy(FedAvg):
         return self.sent
 
     def _train_message(self, node: int, config: ConfigRecord, server_round: int) -> Message:
-        values = {**dict(config), "server-round": server_round}
-        if self.exit_weights is not None:
-            values["exit-weights"] = list(self.exit_weights)
-        if node in self.assigned:
-            values["assigned-exit"] = self.assigned[node]
         rank = self.nodes.get(node, {}).get("rank")
-        arrays = wire.truncate_rank(self.global_arrays, rank) if rank else self.global_arrays
-        content = RecordDict({"arrays": to_record(arrays), "config": ConfigRecord(values)})
-        return Message(content=content, message_type="train", dst_node_id=node)
+        num_rounds = config.get(protocol.NUM_ROUNDS)
+        return TrainInstruction(
+            arrays=wire.truncate_rank(self.global_arrays, rank) if rank else self.global_arrays,
+            server_round=server_round,
+            num_rounds=int(num_rounds) if num_rounds is not None else None,
+            exit_weights=tuple(self.exit_weights) if self.exit_weights is not None else None,
+            assigned_exit=self.assigned.get(node),
+        ).to_message(node)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
@@ -104,26 +110,25 @@ class FleetStrategy(FedAvg):
                 log.warning("round %d: ignored a reply from node %d: not sampled, or a second reply", server_round, node)
                 continue
             answered.add(node)
-            device = "" if reply.has_error() else _device(reply.content)
+            device = "" if reply.has_error() else protocol.device_of(reply.content)
             if device:
                 self.node_devices[node] = device
             if reply.has_error():
-                cause, reasons = "error", [f"client error: {_last_line(reply.error.reason)}"]
+                parsed, cause, reasons = None, "error", [f"client error: {_last_line(reply.error.reason)}"]
             else:
-                cause, reasons = "rejected", self.problems_of(node, reply.content)
+                parsed, reasons = self._screen(node, reply.content)
+                cause = "rejected"
             if reasons:
                 log.warning("round %d: no update from node %d (%s): %s", server_round, node, cause, "; ".join(reasons))
                 dropped.append({"node_id": node, "device": self.node_devices.get(node, ""), "cause": cause,
                                 "reason": "; ".join(reasons)})
                 continue
-            metrics = dict(reply.content["metrics"])
-            update = from_record(reply.content["arrays"])
-            accepted.append((update, metrics))
-            clients.append({"node_id": node, "device": device, "assigned_exit": self.assigned.get(node), **metrics})
-            self.nodes[node] = {"rank": int(metrics.get("lora-rank", 0)) or None, "window": int(metrics.get("window", 0)) or None,
-                                "device": device, "compressed": bool(metrics.get("compressed", 0))}
+            accepted.append(parsed)
+            clients.append({"node_id": node, "device": device, "assigned_exit": self.assigned.get(node), **parsed.metrics()})
+            self.nodes[node] = {"rank": parsed.lora_rank, "window": parsed.window, "device": device,
+                                "compressed": bool(parsed.compressed)}
             if self.keep_updates:
-                self.round_updates.setdefault(server_round, {})[node] = update
+                self.round_updates.setdefault(server_round, {})[node] = parsed.arrays
         for node in sampled:
             if node not in answered:
                 log.warning("round %d: node %d sent no reply", server_round, node)
@@ -135,7 +140,7 @@ class FleetStrategy(FedAvg):
             log.warning("round %d: no valid update; the global adapter stays as it was", server_round)
             return None, None
         averaged, contributors = aggregation.partial_average(
-            self.global_arrays, [(update, float(m["num-examples"])) for update, m in accepted])
+            self.global_arrays, [(reply.arrays, float(reply.num_examples)) for reply in accepted])
         new_global = self.optimizer.step(self.global_arrays, averaged, contributors)
         self._learn_from_votes(accepted)
         trained = sum(1 for n in contributors.values() if n)
@@ -144,36 +149,33 @@ class FleetStrategy(FedAvg):
 
     def problems_of(self, node: int, content: RecordDict) -> list[str]:
         """Why a reply must not count (empty when it is fine); see the module docstring."""
-        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            return ["reply lacks its 'arrays' or 'metrics' record"]
-        metrics = content["metrics"]
-        examples = metrics.get(self.weighted_by_key)
-        if not isinstance(examples, (int, float)) or examples <= 0:
-            return [f"metric {self.weighted_by_key!r} is {examples!r}, expected a positive number"]
-        global_rank = max((v.shape[wire.rank_axis(k)] for k, v in self.global_arrays.items()), default=0)
-        rank = int(metrics.get("lora-rank", global_rank))
-        allowed = None
-        if node in self.assigned:
-            exit_layer, depth = self.assigned[node], int(metrics.get("window", 0))
-            if depth != self.nodes[node]["window"]:
-                return [f"window of {depth} layers, but {self.nodes[node]['window']} was declared and assigned"]
-            first, last = self.ledger.window(exit_layer, depth)
-            allowed = aggregation.tensors_of_window(self.global_arrays, first, last, exit_layer)
-        votes = metrics.get("votes")
-        if votes is not None and len(votes) != len(self.exits):
-            return [f"{len(votes)} exit votes for {len(self.exits)} exits"]
-        return aggregation.update_problems(from_record(content["arrays"]), self.global_arrays, allowed=allowed, rank=rank,
-                                           max_delta_norm=self.max_update_norm)
+        return self._screen(node, content)[1]
 
-    def _learn_from_votes(self, accepted: list[tuple[dict, dict]]) -> None:
-        voters = [(m["votes"], float(m["num-examples"])) for _, m in accepted if m.get("votes")]
+    def _screen(self, node: int, content: RecordDict) -> tuple[TrainReply | None, list[str]]:
+        """The parsed reply and why it must not count: malformed (TrainReply.parse), or not what
+        this round asked of the node (TrainReply.problems)."""
+        try:
+            reply = TrainReply.parse(content)
+        except ProtocolError as err:
+            return None, [str(err)]
+        expected = Expectation(global_arrays=self.global_arrays, max_update_norm=self.max_update_norm,
+                               exits=len(self.exits), layers=self.ledger.layers)
+        if node in self.assigned:
+            exit_layer, depth = self.assigned[node], self.nodes[node]["window"]  # a reply of another depth is refused
+            first, last = self.ledger.window(exit_layer, depth)
+            expected = replace(expected, window=depth,
+                               allowed=tensors_of_window(self.global_arrays, first, last, exit_layer))
+        return reply, reply.problems(expected)
+
+    def _learn_from_votes(self, accepted: list[TrainReply]) -> None:
+        voters = [(r.votes, float(r.num_examples)) for r in accepted if r.votes]
         if voters:
             self.exit_weights = aggregation.global_exit_weights(voters, len(self.exits))
-        important = [(m["importance"], float(m["num-examples"])) for _, m in accepted if m.get("importance")]
+        important = [(r.importance, float(r.num_examples)) for r in accepted if r.importance]
         if important:
             self.ledger.record_importance(important)
-        for _, m in accepted:
-            for layer, steps in enumerate(m.get("layer-steps") or []):
+        for r in accepted:
+            for layer, steps in enumerate(r.layer_steps or ()):
                 if steps:
                     self.ledger.record_training(layer, layer, steps)
 
@@ -181,8 +183,9 @@ class FleetStrategy(FedAvg):
 
     def configure_evaluate(self, server_round, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         """Only clients with a compressed base: a dense base is what the server evaluates itself."""
-        messages = super().configure_evaluate(server_round, arrays, config, grid)
-        return [m for m in messages if self.nodes.get(m.metadata.dst_node_id, {}).get("compressed", True)]
+        nodes = [m.metadata.dst_node_id for m in super().configure_evaluate(server_round, arrays, config, grid)]
+        instruction = EvaluateInstruction(from_record(arrays), server_round)
+        return [instruction.to_message(node) for node in nodes if self.nodes.get(node, {}).get("compressed", True)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         results = []
@@ -191,22 +194,23 @@ class FleetStrategy(FedAvg):
                 log.warning("round %d: node %d could not evaluate: %s", server_round, reply.metadata.src_node_id,
                             _last_line(reply.error.reason))
                 continue
-            device = _device(reply.content)
+            node = reply.metadata.src_node_id
+            device = protocol.device_of(reply.content)
             if device:
-                self.node_devices[reply.metadata.src_node_id] = device
-            results.append({"node_id": reply.metadata.src_node_id, "device": device, **dict(reply.content["metrics"])})
-        self.round_devices[server_round] = results
+                self.node_devices[node] = device
+            try:
+                parsed = EvaluateReply.parse(reply.content)
+            except ProtocolError as err:
+                log.warning("round %d: ignored node %d's evaluation: %s", server_round, node, err)
+                continue
+            results.append((node, parsed))
+        self.round_devices[server_round] = [{"node_id": node, "device": r.device, **r.metrics()} for node, r in results]
         for failure in self.round_dropped.get(server_round, []):  # a client that failed to train may still evaluate
             failure["device"] = failure["device"] or self.node_devices.get(failure["node_id"], "")
         if not results:
             return None
-        total = sum(r["num-examples"] for r in results)
-        return MetricRecord({"accuracy": sum(r.get("accuracy", 0.0) * r["num-examples"] for r in results) / total})
-
-
-def _device(content: RecordDict) -> str:
-    """The device profile a reply names ("" when it names none)."""
-    return str(dict(content["device"]).get("device", "")) if "device" in content.config_records else ""
+        total = sum(r.num_examples for _, r in results)
+        return MetricRecord({protocol.ACCURACY: sum((r.accuracy or 0.0) * r.num_examples for _, r in results) / total})
 
 
 def _last_line(reason: str) -> str:

@@ -5,17 +5,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from edgecore.errors import EdgecoreError
-from server.aggregation import (
-    LayerLedger,
-    ServerOptimizer,
-    global_exit_weights,
-    partial_average,
-    tensors_of_window,
-    update_problems,
-)
 from edgecore.wire import layer_of, rank_axis
 from edgecore.wire import pad_rank as pad
 from edgecore.wire import truncate_rank as truncate
+from federation.validation import tensors_of_window, update_problems
+from server.aggregation import LayerLedger, ServerOptimizer, global_exit_weights, partial_average
 
 LAYERS, TARGETS, WIDTH, EXITS = range(4), ("q_proj", "v_proj"), 6, (1, 3)
 FAST = settings(max_examples=50, deadline=None)

@@ -1,0 +1,134 @@
+"""Every check of what a client sends, in one place: pure numpy, no Flower.
+
+`federation.protocol` parses a reply's records and calls these; the server's aggregation
+calls the number checks on its own inputs too, so a value is judged by one rule wherever it
+is read.
+
+- `positive_number`, `nonnegative_vector`: one number or one vector a reply carries;
+- `tensors_of_window`: the tensors a client training a window of decoder layers and one exit
+  may send;
+- `update_problems`: an update against the global adapter (the tensors it may send, at its
+  declared rank, fp32, finite, not too far from the global).
+
+Two kinds of tensor travel (see `edgecore.wire`):
+- PEFT LoRA keys, `...layers.<L>...lora_A.weight` (rank x in) and `...lora_B.weight` (out x rank);
+- exit adapters, `exit.<L>.down` (rank x hidden) and `exit.<L>.up` (hidden x rank).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from edgecore.errors import EdgecoreError
+from edgecore.wire import EXIT_PREFIX, layer_of, rank_axis, rank_slice, with_rank
+
+# --- Numbers and vectors ------------------------------------------------------------------
+
+
+def is_number(value) -> bool:
+    """An int or float (numpy's too), not a bool."""
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def positive_number(weight, what: str) -> float:
+    """A finite number > 0 (an update's num_examples, its weight in every average)."""
+    if not is_number(weight):
+        raise EdgecoreError(f"{what}: weight {weight!r} is not a number; give its num_examples")
+    if not (math.isfinite(weight) and weight > 0):
+        raise EdgecoreError(f"{what}: weight {weight!r} must be a finite number > 0 (its num_examples)")
+    return float(weight)
+
+
+def nonnegative_vector(vector, length: int | None, what: str, entry: str) -> np.ndarray:
+    """A vector of finite entries >= 0; of `length` entries unless `length` is None."""
+    try:
+        values = np.asarray(vector, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise EdgecoreError(f"{what} is {vector!r}; expected a list of numbers, one per {entry}") from None
+    if values.ndim != 1 or (length is not None and values.shape != (length,)):
+        expected = f"({length},)" if length is not None else "(n,)"
+        raise EdgecoreError(f"{what} has shape {values.shape}, expected {expected}: one entry per {entry}")
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise EdgecoreError(f"{what} is {values.tolist()}; entries must be finite and >= 0")
+    return values
+
+
+# --- Tensors ------------------------------------------------------------------------------
+
+
+def tensors_of_window(global_arrays: Mapping[str, np.ndarray], first_layer: int, last_layer: int, exit_layer: int) -> set[str]:
+    """Names a client training decoder layers first..last (inclusive) and the exit at `exit_layer` may send."""
+    if not 0 <= first_layer <= last_layer:
+        raise EdgecoreError(
+            f"window layers {first_layer}..{last_layer} are not a range; need 0 <= first_layer <= last_layer"
+        )
+    exit_names = {f"exit.{exit_layer}.down", f"exit.{exit_layer}.up"}
+    names = {name for name in global_arrays if name in exit_names}
+    for name in global_arrays:
+        layer = layer_of(name)
+        if not name.startswith(EXIT_PREFIX) and layer is not None and first_layer <= layer <= last_layer:
+            names.add(name)
+    return names
+
+
+def _tensor_problems(name: str, value, reference: np.ndarray, rank: int) -> list[str]:
+    """Shape, dtype and value problems of one sent tensor against its global tensor."""
+    axis = rank_axis(name)
+    global_rank = reference.shape[axis]
+    if rank > global_rank:
+        return [f"{name}: declared rank {rank} exceeds the global rank {global_rank}; the client must train at rank <= {global_rank}"]
+    expected = with_rank(reference.shape, axis, rank)
+    value = np.asarray(value)
+    if value.shape != expected:
+        return [f"{name}: shape {tuple(value.shape)}, expected {expected} for rank {rank}"]
+    if value.dtype != np.float32:
+        return [f"{name}: dtype {value.dtype}, expected float32; convert before sending"]
+    if not np.isfinite(value).all():
+        return [f"{name}: {int((~np.isfinite(value)).sum())} non-finite values (NaN/inf); training diverged"]
+    return []
+
+
+def update_problems(
+    update: Mapping[str, np.ndarray],
+    global_arrays: Mapping[str, np.ndarray],
+    *,
+    allowed: set[str] | None,
+    rank: int,
+    max_delta_norm: float,
+) -> list[str]:
+    """Why a client update must be rejected (empty when it is fine).
+
+    The update is a rank-`rank` client's answer to the global adapter truncated to `rank`: every
+    tensor must be a global one, assigned to it this round (when `allowed` is given), of the
+    global shape with the rank axis at `rank`, fp32 and finite. Its L2 distance from the
+    truncated global adapter, over all sent tensors, must not exceed `max_delta_norm`, which
+    catches exploded or scaled-up updates; the distance is only measured on a well-formed update.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        return [f"declared rank {rank!r} is not a positive integer"]
+    if not update:
+        return ["update is empty: it sends no tensor"]
+    problems, squared = [], 0.0
+    for name in sorted(update):
+        value = update[name]
+        if name not in global_arrays:
+            problems.append(f"{name}: not in the global adapter; the client sent a tensor the server never sent")
+            continue
+        if allowed is not None and name not in allowed:
+            problems.append(f"{name}: not assigned this round; the client must send only its window's tensors")
+            continue
+        reference = global_arrays[name]
+        found = _tensor_problems(name, value, reference, rank)
+        problems.extend(found)
+        if not found:
+            start = reference[rank_slice(rank_axis(name), rank)].astype(np.float64)
+            squared += float(np.square(np.asarray(value, dtype=np.float64) - start).sum())
+    delta = math.sqrt(squared)
+    if not problems and delta > max_delta_norm:
+        problems.append(
+            f"update distance {delta:.3g} from the global adapter exceeds the limit {max_delta_norm:.3g} (max-update-norm)"
+        )
+    return problems
