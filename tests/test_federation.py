@@ -51,6 +51,7 @@ def test_bad_updates_are_screened_out_with_a_reason():
     wrong_shape = {**ref, name: np.zeros((1, 1), np.float32)}
     assert "shape" in strategy.problems_of(1, _content(wrong_shape))[0]
     assert "num-examples" in strategy.problems_of(1, _content(ref, examples=0))[0]
+    assert "'num-examples' = nan" in strategy.problems_of(1, _content(ref, examples=float("nan")))[0]
     scaled = {k: v * 1e4 for k, v in ref.items()}
     assert "exceeds the limit" in strategy.problems_of(1, _content(scaled))[0]
     assert "lacks" in strategy.problems_of(1, RecordDict({"metrics": MetricRecord({"num-examples": 3})}))[0]
