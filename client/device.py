@@ -20,7 +20,7 @@ from edgecore.device import DeviceModel, DeviceSpec, prepare
 from edgecore.errors import EdgecoreError
 from edgecore.experiment import Experiment
 from edgecore.finetune import LoraSettings
-from edgecore.luc.compress import read_policy
+from edgecore.luc.saved import read_policy
 from edgecore.profiles import DeviceProfile
 
 

@@ -45,7 +45,7 @@ from edgecore import measure, models
 from edgecore.device_store import DeviceStore, StoredBase
 from edgecore.errors import EdgecoreError
 from edgecore.finetune import LoraSettings, TrainSettings, add_lora
-from edgecore.luc import compress as luc
+from edgecore import luc
 from edgecore.luc import pipeline
 from edgecore.luc.streamed import compress_streamed
 from edgecore.allocator import HEAP_THRESHOLD_BYTES, limit_heap_fragmentation
@@ -193,17 +193,17 @@ def check_compressed_base(folder: Path | str, profile: DeviceProfile, budget_mb:
     (`plan`'s batch and LoRA; one sequence of 128 tokens when the run's step is not known yet, as
     before a client connects: the ClientApp checks again with the run's step)."""
     policy = luc.read_policy(folder)
-    allowed = {(c.sparsity, c.pattern, c.bits) for c in pipeline.profile_candidates(profile)}
-    wrong = sorted({c.label for c in policy.layers if not c.is_dense and (c.sparsity, c.pattern, c.bits) not in allowed})
+    allowed = set(profile.candidates())
+    wrong = sorted({c.label for c in policy.layers if not c.is_dense and c not in allowed})
     if wrong:
         raise EdgecoreError(f"{folder}: layers compressed as {wrong}, which device {profile.name} does not run "
                             f"(its weight_bits {list(profile.weight_bits)}); compress it with --device {profile.name}")
-    if policy.embedding_bits not in (*profile.weight_bits, luc.EMBEDDING_DENSE):
+    if policy.embedding_bits not in (*profile.weight_bits, luc.FP32_BITS):
         raise EdgecoreError(f"{folder}: the embedding table is stored in {policy.embedding_bits} bits, which device "
                             f"{profile.name} does not run; compress it with --device {profile.name}")
     budget_mb = planning_profile(profile).memory_budget_mb if budget_mb is None else budget_mb
     shape = models.shape(str(folder))
-    plan = replace(plan or luc.default_tuning_plan(shape, batch=1), weight_bytes=policy.weight_bytes, packed_weights=True)
+    plan = replace(plan or luc.tuning_reserve_step(shape, batch=1), weight_bytes=policy.weight_bytes, packed_weights=True)
     need = estimate_step(shape, one_layer_step(shape, plan)).total_mb
     if need > budget_mb:
         raise EdgecoreError(f"{folder}: its {policy.weight_bytes / MIB:.0f} MB of weights and a one-layer tuning step "
@@ -268,7 +268,7 @@ def policy_summary(policy: luc.Policy) -> dict:
 def weight_budget(spec: DeviceSpec, shape: ModelShape, plan: StepPlan) -> int:
     """Bytes LUC may give the stored weights: the planning budget less a one-layer tuning step's state."""
     one_layer = replace(one_layer_step(shape, plan), packed_weights=True)
-    return luc.weight_budget_bytes(planning_profile(spec.profile, spec.share), shape, one_layer)
+    return pipeline.weight_budget_bytes(planning_profile(spec.profile, spec.share), shape, one_layer)
 
 
 def store_inputs(spec: DeviceSpec, plan: StepPlan, dataset) -> dict:

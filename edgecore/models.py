@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from edgecore.errors import EdgecoreError
-from edgecore.luc.compress import load_compressed
+from edgecore.luc.saved import load_compressed
 from edgecore.memory import ModelShape
 
 log = logging.getLogger(__name__)

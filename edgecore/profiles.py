@@ -7,9 +7,8 @@ A profile is a TOML file (shipped ones live in configs/devices/). All memory is 
 name = "pi-zero-2w"                  # required; letters, digits, "-", "_", "."
 description = "Raspberry Pi Zero 2 W class board, 512 MB RAM"     # optional
 memory_budget_mb = 200               # required, > 0: weights as stored, adapters, optimizer
-                                     # state and activations of the job
-runtime_floor_mb = 350               # optional (default 350), informational: what the Python,
-                                     # torch, transformers and peft runtime takes before the job
+                                     # state and activations of the job (the Python/torch
+                                     # runtime, ~350 MiB, is extra)
 weight_bits = [2, 3, 4, 8]           # required: storage bit-widths its kernels run, from
                                      # 2, 3, 4, 8, 16 (fp16/bf16) and 32 (dense fp32)
 precision = "fp32"                   # required: compute, "fp32" or "bf16"
@@ -17,13 +16,14 @@ precision = "fp32"                   # required: compute, "fp32" or "bf16"
 [sparsity]                           # optional; dense (sparsity 0) is always allowed
 unstructured = [0.0, 0.25, 0.5, 0.75]   # allowed fractions of pruned weights, each in [0, 1)
 n_m = ["2:4"]                        # N:M patterns: keep N of every M consecutive weights
-
-[throughput]                         # optional: measured speeds, any name -> positive number
-gflops = 12.5                        # (e.g. gflops, memory_gbps, a kernel's timing)
 ```
 
 Unknown keys are refused (a typo must not fall back to a default silently), and every error
-names the file, the field and the value, and says how to fix it.
+names the file, the field and the value, and says how to fix it. `runtime_floor_mb` and
+`[throughput]`, which nothing read, are no longer fields: a profile with them is refused.
+
+`DeviceProfile.candidates()` gives the LUC choices the device runs as edgecore.luc Candidates
+(N:M text parsed by edgecore.luc.config.parse_n_m).
 """
 
 from __future__ import annotations
@@ -35,21 +35,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgecore import measure
 from edgecore.errors import EdgecoreError
+from edgecore.luc.config import FP32_BITS, Candidate, parse_n_m
 
-ALL_BITS = (2, 3, 4, 8, 16, 32)
+ALL_BITS = (2, 3, 4, 8, 16, FP32_BITS)
 PRECISIONS = ("fp32", "bf16")
-DEFAULT_RUNTIME_FLOOR_MB = 350.0
 LOCAL = "local"
 # What an auto-detected profile allows: the machine runs every kernel edgecore has.
 LOCAL_UNSTRUCTURED = (0.0, 0.25, 0.5, 0.75)
 LOCAL_N_M = ("2:4", "4:8")
 
 _REQUIRED = ("name", "memory_budget_mb", "weight_bits", "precision")
-_OPTIONAL = ("description", "runtime_floor_mb", "sparsity", "throughput")
+_OPTIONAL = ("description", "sparsity")
+_REMOVED = ("runtime_floor_mb", "throughput")  # fields of older profiles that nothing read
 _SPARSITY_KEYS = ("unstructured", "n_m")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_N_M = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -63,61 +64,28 @@ class DeviceProfile:
     description: str = ""
     unstructured: tuple[float, ...] = (0.0,)  # allowed unstructured sparsities, 0.0 included
     n_m: tuple[str, ...] = ()  # allowed N:M patterns, "N:M" (keep N of every M)
-    runtime_floor_mb: float = DEFAULT_RUNTIME_FLOOR_MB
-    throughput: tuple[tuple[str, float], ...] = ()  # (name, value) pairs, sorted by name
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
     @property
     def bf16(self) -> bool:
         return self.precision == "bf16"
 
-    @property
-    def device_memory_mb(self) -> float:
-        """Memory the whole process needs: the job's budget plus the runtime floor."""
-        return self.memory_budget_mb + self.runtime_floor_mb
-
-    @property
-    def throughput_table(self) -> dict[str, float]:
-        return dict(self.throughput)
-
-    def candidates(self) -> list[tuple[float, str, int]]:
-        """Every (sparsity, pattern, bits) the device runs, dense first.
-
-        pattern is "dense" (sparsity 0), "unstructured", or an N:M pattern such as "2:4"
-        (whose sparsity is 1 - N/M). Dense fp32 is included when 32 is among the bits.
-        """
-        shapes = [(0.0, "dense")]
-        shapes += [(s, "unstructured") for s in self.unstructured if s > 0]
-        shapes += [(n_m_sparsity(p), p) for p in self.n_m]
-        return [(sparsity, pattern, bits) for sparsity, pattern in shapes for bits in self.weight_bits]
+    def candidates(self) -> list[Candidate]:
+        """Every LUC Candidate the device runs: unpruned first, then each unstructured sparsity, then
+        each N:M pattern, each at every bit-width. Dense fp32 (`Candidate()`) is included when 32
+        is among the bits."""
+        pruning = [Candidate(s) for s in self.unstructured] + [Candidate.n_m(p, FP32_BITS) for p in self.n_m]
+        return [Candidate(c.sparsity, c.pattern, bits) for c in pruning for bits in self.weight_bits]
 
     def summary(self) -> dict:
         return {
             "name": self.name,
             "description": self.description,
             "memory_budget_mb": self.memory_budget_mb,
-            "runtime_floor_mb": self.runtime_floor_mb,
             "weight_bits": list(self.weight_bits),
             "precision": self.precision,
             "sparsity": {"unstructured": list(self.unstructured), "n_m": list(self.n_m)},
-            "throughput": self.throughput_table,
         }
-
-
-def parse_n_m(pattern: str) -> tuple[int, int]:
-    """ "2:4" -> (2, 4); ValueError unless it reads N:M with 0 < N < M."""
-    match = _N_M.match(pattern) if isinstance(pattern, str) else None
-    if not match:
-        raise ValueError(f"{pattern!r} is not of the form N:M")
-    n, m = int(match[1]), int(match[2])
-    if not 0 < n < m:
-        raise ValueError(f"{pattern!r} needs 0 < N < M (keep N of every M weights)")
-    return n, m
-
-
-def n_m_sparsity(pattern: str) -> float:
-    n, m = parse_n_m(pattern)
-    return 1 - n / m
 
 
 # ---------------------------------------------------------------- loading and checking
@@ -154,18 +122,19 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<profile>") -> DeviceP
         name=name,
         description=_string(raw.get("description", ""), source, "description", empty_ok=True),
         memory_budget_mb=_positive(raw["memory_budget_mb"], source, "memory_budget_mb"),
-        runtime_floor_mb=_positive(raw.get("runtime_floor_mb", DEFAULT_RUNTIME_FLOOR_MB), source, "runtime_floor_mb", zero_ok=True),
         weight_bits=_bits(raw["weight_bits"], source),
         precision=_precision(raw["precision"], source),
         unstructured=_unstructured(sparsity.get("unstructured", [0.0]), source),
         n_m=_patterns(sparsity.get("n_m", []), source),
-        throughput=_throughput(raw.get("throughput", {}), source),
         source=source,
     )
 
 
 def _check_keys(table: dict, known: tuple[str, ...], source: str, prefix: str) -> None:
     unknown = sorted(set(table) - set(known))
+    removed = [k for k in unknown if not prefix and k in _REMOVED]
+    if removed:
+        raise EdgecoreError(f"{source}: unknown field {removed[0]!r}: profiles no longer have it (nothing used it); delete it")
     if unknown:
         raise EdgecoreError(
             f"{source}: unknown field {prefix + unknown[0]!r}; known fields{' in [' + prefix[:-1] + ']' if prefix else ''}: "
@@ -183,12 +152,11 @@ def _string(value: Any, source: str, key: str, empty_ok: bool = False) -> str:
     return value
 
 
-def _positive(value: Any, source: str, key: str, zero_ok: bool = False) -> float:
+def _positive(value: Any, source: str, key: str) -> float:
     if not _is_number(value):
         raise EdgecoreError(f"{source}: field {key!r} = {value!r} must be a number of MiB (e.g. {key} = 450)")
-    if value < 0 or (value == 0 and not zero_ok):
-        bound = "zero or more" if zero_ok else "positive"
-        raise EdgecoreError(f"{source}: field {key!r} = {value!r} must be {bound} (MiB)")
+    if value <= 0:
+        raise EdgecoreError(f"{source}: field {key!r} = {value!r} must be positive (MiB)")
     return float(value)
 
 
@@ -229,20 +197,10 @@ def _patterns(value: Any, source: str) -> tuple[str, ...]:
     patterns = []
     for p in items:
         try:
-            n, m = parse_n_m(p)
-        except ValueError as err:
+            patterns.append(parse_n_m(p))
+        except EdgecoreError as err:
             raise EdgecoreError(f"{source}: field 'sparsity.n_m' has {p!r}: {err}, e.g. \"2:4\" keeps 2 of every 4") from None
-        patterns.append(f"{n}:{m}")
-    return tuple(sorted(set(patterns), key=n_m_sparsity))
-
-
-def _throughput(value: Any, source: str) -> tuple[tuple[str, float], ...]:
-    if not isinstance(value, dict):
-        raise EdgecoreError(f"{source}: field 'throughput' = {value!r} must be a table: [throughput] with name = number lines")
-    for key, number in value.items():
-        if not _is_number(number) or not number > 0:
-            raise EdgecoreError(f"{source}: field 'throughput.{key}' = {number!r} must be a positive number")
-    return tuple(sorted((k, float(v)) for k, v in value.items()))
+    return tuple(str(p) for p in sorted(set(patterns), key=lambda p: (p.sparsity, p.m)))
 
 
 # ---------------------------------------------------------------- finding profiles
@@ -296,8 +254,6 @@ def detect_local(budget_fraction: float = 0.5) -> DeviceProfile:
     """A profile of this machine: `budget_fraction` of its RAM for the job, every kernel allowed."""
     if not _is_number(budget_fraction) or not 0 < budget_fraction <= 1:
         raise EdgecoreError(f"budget_fraction = {budget_fraction!r} must be in (0, 1], the share of RAM for the job")
-    from edgecore import measure  # imports torch: only when a local profile is asked for
-
     total = total_memory_mb()
     precision = "bf16" if measure.cpu_supports_bf16() else "fp32"
     return DeviceProfile(

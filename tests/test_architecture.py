@@ -19,7 +19,8 @@ PACKAGES = ("edgecore", "federation", "client", "server", "simulations")
 LAYERS = [
     ("errors", ["edgecore", "edgecore.errors"]),
     ("foundations", ["edgecore.memory", "edgecore.allocator", "edgecore.measure", "edgecore.data", "edgecore.data.*",
-                     "edgecore.profiles", "edgecore.fleet"]),
+                     "edgecore.profiles", "edgecore.fleet",
+                     "edgecore.luc.config"]),  # the Candidate vocabulary profiles speak (imports only errors)
     ("tensors", ["edgecore.encoding", "edgecore.lm", "edgecore.wire"]),
     ("compression", ["edgecore.luc", "edgecore.luc.*"]),  # the verb on a model you hold, and its parts
     ("training", ["edgecore.models", "edgecore.finetune", "edgecore.evaluate", "edgecore.experiment",

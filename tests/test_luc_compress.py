@@ -13,9 +13,10 @@ from edgecore.encoding import Encoder, collate
 from edgecore.errors import EdgecoreError
 from edgecore.finetune import LoraSettings, add_lora
 from edgecore import lm
-from edgecore.luc import compress as luc
+from edgecore import luc
 from edgecore.luc.layer import CompressedLinear
-from edgecore.luc.sensitivity import Calibration, Candidate, measure, policy_kl
+from edgecore.luc import Calibration, Candidate, measure, policy_kl
+from edgecore.luc.pipeline import weight_budget_bytes
 from edgecore.memory import MIB, ModelShape
 from edgecore.profiles import resolve_profile
 
@@ -44,7 +45,7 @@ def test_policy_fits_the_budget_and_beats_uniform_on_predicted_sensitivity(measu
     model, _tok, _calib, table, embedding_kl = measured
     shape = ModelShape.from_config(model.config)
     uniform = luc.uniform_policy("tiny-5m", shape, Candidate(0.5, "unstructured", 4), 8, G, table, embedding_kl)
-    chosen = luc.choose_policy("tiny-5m", shape, table, embedding_kl, uniform.weight_bytes)
+    chosen = luc.choose_policy(shape, table.candidates, table.kl, embedding_kl, uniform.weight_bytes, group_size=G, model="tiny-5m")
     assert chosen.weight_bytes <= uniform.weight_bytes
     assert chosen.total_sensitivity <= uniform.total_sensitivity + 1e-12
     assert embedding_kl[32] == 0 and embedding_kl[4] > embedding_kl[8] > 0
@@ -56,15 +57,16 @@ def test_infeasible_budget_names_the_smallest_budget(measured):
     shape = ModelShape.from_config(model.config)
     smallest = luc.policy_nbytes(shape, [Candidate(0.5, "unstructured", 2)] * shape.layers, 4, G)
     with pytest.raises(EdgecoreError, match=f"smallest budget that fits is {smallest / MIB:.1f} MB"):
-        luc.choose_policy("tiny-5m", shape, table, embedding_kl, smallest - 1)
-    assert luc.choose_policy("tiny-5m", shape, table, embedding_kl, smallest).weight_bytes == smallest
+        luc.choose_policy(shape, table.candidates, table.kl, embedding_kl, smallest - 1, group_size=G, model="tiny-5m")
+    chosen = luc.choose_policy(shape, table.candidates, table.kl, embedding_kl, smallest, group_size=G, model="tiny-5m")
+    assert chosen.weight_bytes == smallest
 
 
 def test_compressed_model_holds_exactly_the_promised_bytes_and_reloads(measured, tmp_path):
     model, tokenizer, calib, table, embedding_kl = measured
     shape = ModelShape.from_config(model.config)
     budget = int(0.3 * luc.stored_nbytes(model))
-    policy = luc.choose_policy("tiny-5m", shape, table, embedding_kl, budget)
+    policy = luc.choose_policy(shape, table.candidates, table.kl, embedding_kl, budget, group_size=G, model="tiny-5m")
     compressed = _copy(model)
     luc.apply_policy(compressed, policy, calib)
     assert luc.stored_nbytes(compressed) == policy.weight_bytes <= budget  # the issue asks for 5%; it is exact
@@ -83,7 +85,8 @@ def test_compressed_model_holds_exactly_the_promised_bytes_and_reloads(measured,
 def test_lora_trains_on_a_reloaded_compressed_model(measured, tmp_path):
     model, tokenizer, calib, table, embedding_kl = measured
     shape = ModelShape.from_config(model.config)
-    policy = luc.choose_policy("tiny-5m", shape, table, embedding_kl, int(0.3 * luc.stored_nbytes(model)))
+    policy = luc.choose_policy(shape, table.candidates, table.kl, embedding_kl, int(0.3 * luc.stored_nbytes(model)), group_size=G,
+                               model="tiny-5m")
     compressed = _copy(model)
     luc.apply_policy(compressed, policy, calib)
     reloaded, _tok, _ = luc.load_compressed(luc.save_compressed(tmp_path / "c", compressed, tokenizer, policy))
@@ -111,13 +114,13 @@ def test_dense_embedding_policy_keeps_the_tie_through_save_and_load(measured, tm
 def test_weight_budget_is_the_profile_budget_minus_the_tuning_step():
     shape = models.shape("tiny-5m")
     profile = resolve_profile("pi-zero-2w")
-    plan = luc.default_tuning_plan(shape, batch=4, seq_len=128, window_layers=2)
-    budget = luc.weight_budget_bytes(profile, shape, plan)
+    plan = luc.tuning_reserve_step(shape, batch=4, seq_len=128, window_layers=2)
+    budget = weight_budget_bytes(profile, shape, plan)
     assert budget == int(profile.memory_budget_mb * MIB) - luc.tuning_reserve_bytes(shape, plan)
-    deeper = luc.default_tuning_plan(shape, batch=4, seq_len=128, window_layers=6)
-    assert luc.weight_budget_bytes(profile, shape, deeper) < budget
+    deeper = luc.tuning_reserve_step(shape, batch=4, seq_len=128, window_layers=6)
+    assert weight_budget_bytes(profile, shape, deeper) < budget
     with pytest.raises(EdgecoreError, match="tuning window of 7 layers must be in 1..6"):
-        luc.default_tuning_plan(shape, window_layers=7)
+        luc.tuning_reserve_step(shape, window_layers=7)
 
 
 def test_cli_compress_writes_table_json_and_a_reloadable_folder(tmp_path, capsys):
@@ -161,3 +164,53 @@ def test_measure_check_helpers_agree_with_packed_modules(measured):
     luc.apply_policy(compressed, policy, calib)
     assert calib.kl_full(compressed) == pytest.approx(policy_kl(calib, layers, G), rel=1e-4, abs=1e-8)
     assert np.isfinite(calib.kl_full(compressed))
+
+
+def test_compress_verb_on_a_held_model_is_search_then_apply(measured):
+    """`luc.compress_(model, LucConfig, batches)`: in place, the policy choose_policy picks from the same scores."""
+    model, tokenizer, _calib, table, embedding_kl = measured
+    shape = ModelShape.from_config(model.config)
+    budget = int(0.3 * luc.stored_nbytes(model))
+    config = luc.LucConfig(tuple(GRID), (4, 8, 32), budget, group_size=G)
+    assert config.embedding_bits == (32, 8, 4)
+    expected = luc.choose_policy(shape, table.candidates, table.kl, embedding_kl, budget, group_size=G, model="tiny-5m")
+    compressed = _copy(model)
+    policy = luc.compress_(compressed, config, _batches(tokenizer), model_id="tiny-5m", profile="test")
+    assert (policy.layers, policy.embedding_bits, policy.weight_bytes) == (expected.layers, expected.embedding_bits, expected.weight_bytes)
+    assert policy.profile == "test" and np.allclose(policy.sensitivity, expected.sensitivity, rtol=1e-6)
+    assert luc.stored_nbytes(compressed) == policy.weight_bytes <= budget
+    with pytest.raises(EdgecoreError, match="not among the allowed"):
+        config.allowing([Candidate(0.25, "unstructured", 4)])
+    with pytest.raises(EdgecoreError, match="must be positive"):
+        luc.LucConfig(tuple(GRID), (8,), 0)
+
+
+def test_choose_policy_takes_any_scores(measured):
+    model, _tok, _calib, table, _kl = measured
+    shape = ModelShape.from_config(model.config)
+    budget = int(0.3 * luc.stored_nbytes(model))
+    scores = np.zeros((shape.layers, len(GRID)))
+    scores[:, GRID.index(Candidate(0.0, "unstructured", 8))] = -1.0  # prefer 8 bits wherever it fits
+    policy = luc.choose_policy(shape, GRID, scores, {8: 0.0}, budget, group_size=G)
+    assert policy.embedding_bits == 8 and policy.weight_bytes <= budget
+    assert policy.total_sensitivity == -sum(c == Candidate(0.0, "unstructured", 8) for c in policy.layers)
+    with pytest.raises(EdgecoreError, match="scores are"):
+        luc.choose_policy(shape, GRID, scores[:, :2], {8: 0.0}, budget, group_size=G)
+
+
+def test_one_spelling_of_a_candidate_and_old_policy_files_still_read(tmp_path):
+    assert Candidate().is_dense and Candidate().bits == luc.FP32_BITS == 32
+    assert Candidate(0.5, "2:4", 4) == Candidate.n_m("2:4", 4) == Candidate(0.0, " 2:4 ", 4)
+    assert Candidate.n_m("2:4", 4).spec == luc.NMPattern(2, 4) and Candidate(0.5, bits=4).spec == 0.5
+    with pytest.raises(EdgecoreError, match="does not match"):
+        Candidate(0.25, "2:4", 4)
+    # policy.json keeps its spelling; the older "dense" pattern and null bits read as today's.
+    assert Candidate(0.5, "2:4", 4).to_dict() == {"sparsity": 0.5, "pattern": "2:4", "bits": 4}
+    assert Candidate.from_dict({"sparsity": 0.0, "pattern": "dense", "bits": None}) == Candidate()
+    old = {"model": "tiny-5m", "group_size": 32, "embedding_bits": 32, "weight_bytes": 1, "budget_bytes": None,
+           "kind": "uniform", "sensitivity": [], "embedding_sensitivity": 0.0, "profile": "", "notes": {},
+           "layers": [{"sparsity": 0.0, "pattern": "unstructured", "bits": 32}, {"sparsity": 0.5, "pattern": "2:4", "bits": 4}]}
+    (tmp_path / "policy.json").write_text(json.dumps(old))
+    policy = luc.read_policy(tmp_path)
+    assert policy.layers == (Candidate(), Candidate(0.5, "2:4", 4))
+    assert json.loads(json.dumps(policy.to_dict())) == old  # written back the same

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgecore import EdgecoreError
-from edgecore.luc.policy import Option, solve, total
+from edgecore.luc.knapsack import Option, solve, total
 
 layers = st.lists(
     st.lists(st.tuples(st.integers(1, 40), st.floats(0, 10, allow_nan=False)), min_size=1, max_size=4),

@@ -22,6 +22,7 @@ from edgecore.luc import (
     n_m_mask,
     pack,
     packed_nbytes,
+    parse_n_m,
     parse_pattern,
     quantize,
     register_peft,
@@ -204,7 +205,7 @@ def test_n_m_mask_keeps_the_n_best_of_every_block(n, m):
     assert torch.all(blocks.sum(dim=2) == n)
     s = scores.view(10, 64 // m, m)
     assert torch.all(torch.where(blocks, s, torch.inf).amin(dim=2) > torch.where(blocks, -torch.inf, s).amax(dim=2))
-    assert torch.equal(keep_mask(scores, f"{n}:{m}"), keep)
+    assert torch.equal(keep_mask(scores, parse_n_m(f"{n}:{m}")), keep)
     assert parse_pattern(f"{n}:{m}").sparsity == pytest.approx(1 - n / m)
 
 
@@ -247,7 +248,7 @@ def _mask(lin: nn.Linear, sparsity):
     return keep_mask(wanda_scores(lin.weight, norms), sparsity)
 
 
-CONFIGS = [(bits, sparsity) for bits in (None, 16, 8, 4, 3, 2) for sparsity in (0.0, 0.5, "2:4")]
+CONFIGS = [(bits, sparsity) for bits in (32, 16, 8, 4, 3, 2) for sparsity in (0.0, 0.5, NMPattern(2, 4))]
 
 
 @pytest.mark.parametrize("bits, sparsity", CONFIGS)
@@ -257,7 +258,7 @@ def test_compressed_linear_computes_the_masked_dequantized_linear(bits, sparsity
     layer = CompressedLinear.from_linear(lin, bits=bits, keep=keep, group_size=32)
     w = lin.weight.detach()
     values = w[keep] if keep is not None else w.reshape(-1)
-    if bits is None:
+    if bits == 32:
         restored = values
     elif bits == 16:
         restored = values.half().float()
@@ -278,7 +279,7 @@ def test_compressed_linear_computes_the_masked_dequantized_linear(bits, sparsity
     assert layer.nbytes() == expected_nbytes(24, 64, bits, sparsity, 32, bias=True)
 
 
-@pytest.mark.parametrize("bits, sparsity", [(4, 0.5), (3, "2:4"), (16, 0.0), (None, 0.25), (2, 0.0)])
+@pytest.mark.parametrize("bits, sparsity", [(4, 0.5), (3, NMPattern(2, 4)), (16, 0.0), (32, 0.25), (2, 0.0)])
 def test_state_dict_round_trips_into_an_empty_module(bits, sparsity):
     lin = _linear(out_features=40, in_features=96)
     layer = CompressedLinear.from_linear(lin, bits=bits, keep=_mask(lin, sparsity))
@@ -297,7 +298,7 @@ def test_state_dict_of_another_configuration_is_refused():
     lin = _linear()
     state = CompressedLinear.from_linear(lin, bits=16).state_dict()
     with pytest.raises(EdgecoreError, match="qweight is torch.float16 in the state dict but torch.float32"):
-        CompressedLinear.empty(24, 64, bits=None, bias=True).load_state_dict(state)
+        CompressedLinear.empty(24, 64, bits=32, bias=True).load_state_dict(state)
     with pytest.raises(RuntimeError, match="size mismatch"):
         CompressedLinear.empty(24, 64, bits=8, bias=True).load_state_dict(
             CompressedLinear.from_linear(lin, bits=4).state_dict())
@@ -306,10 +307,10 @@ def test_state_dict_of_another_configuration_is_refused():
 @pytest.mark.parametrize("out_features, in_features, bits, sparsity, group_size, bias", [
     (576, 1536, 4, 0.0, 64, False),
     (576, 1536, 3, 0.5, 64, False),
-    (576, 1536, 2, "2:4", 128, False),
+    (576, 1536, 2, NMPattern(2, 4), 128, False),
     (24, 48, 8, 0.3, 32, True),
-    (13, 40, 3, "4:8", 64, True),
-    (7, 11, None, 0.45, 64, True),
+    (13, 40, 3, NMPattern(4, 8), 64, True),
+    (7, 11, 32, 0.45, 64, True),
     (7, 11, 16, 0.0, 64, False),
 ])
 def test_expected_nbytes_matches_real_modules(out_features, in_features, bits, sparsity, group_size, bias):
@@ -326,8 +327,8 @@ def test_sizes_of_a_576x1536_weight():
     assert fp32 / 8 < dense4 < fp32 / 7
     mask = 576 * 1536 // 8  # the honest cost of sparsity: one bit per weight
     assert expected_nbytes(576, 1536, 4, 0.5) == dense4 // 2 + mask
-    assert expected_nbytes(576, 1536, 4, "2:4") == expected_nbytes(576, 1536, 4, 0.5)
-    assert expected_nbytes(576, 1536, None) == fp32 and expected_nbytes(576, 1536, 16) == fp32 // 2
+    assert expected_nbytes(576, 1536, 4, NMPattern(2, 4)) == expected_nbytes(576, 1536, 4, 0.5)
+    assert expected_nbytes(576, 1536, 32) == fp32 and expected_nbytes(576, 1536, 16) == fp32 // 2
 
 
 @pytest.mark.parametrize("call, message", [
@@ -337,7 +338,7 @@ def test_sizes_of_a_576x1536_weight():
     (lambda lin: CompressedLinear.from_linear(lin, bits=4, keep=torch.ones(24, 64)), "keep-mask"),
     (lambda lin: CompressedLinear.empty(24, 64, bits=4, sparsity=1.0), r"sparsity 1.0 must be a number in \[0, 1\)"),
     (lambda lin: CompressedLinear.empty(24, 0, bits=4), "in_features=0"),
-    (lambda lin: expected_nbytes(24, 64, 4, "3:5"), "multiple of 5"),
+    (lambda lin: expected_nbytes(24, 64, 4, NMPattern(3, 5)), "multiple of 5"),
 ])
 def test_compressed_linear_rejects_bad_arguments(call, message):
     with pytest.raises(EdgecoreError, match=message):

@@ -4,7 +4,8 @@ import torch
 from edgecore import models
 from edgecore.data import Dataset, Sample
 from edgecore.encoding import Encoder, collate
-from edgecore.luc.sensitivity import Calibration, Candidate, SensitivityCache, measure, measure_cached
+from edgecore.luc import Calibration, Candidate, SensitivityCache, measure
+from edgecore.luc.sensitivity import measure_cached
 
 TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun " * 3
 

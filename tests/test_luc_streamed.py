@@ -14,10 +14,11 @@ from safetensors.torch import save_file
 
 from edgecore import data, lm, models
 from edgecore.errors import EdgecoreError
-from edgecore.luc import compress as luc
+from edgecore import luc
 from edgecore.luc.pipeline import calibration_batches, grid_candidates
 from edgecore.luc import streamed
-from edgecore.luc.sensitivity import Calibration, Candidate, SensitivityCache, measure
+from edgecore.luc import Calibration, Candidate, SensitivityCache, measure
+from edgecore.luc.saved import POLICY_FILE
 from edgecore.luc.streamed import compress_streamed
 from edgecore.luc.table import QuantizedTable, TableLayout
 from edgecore.memory import MIB, ModelShape
@@ -63,8 +64,9 @@ def test_streamed_gives_the_in_memory_policy_tables_and_model(tiny, monkeypatch)
     calib = Calibration(model, calibration_batches(tokenizer, dataset, SAMPLES, LENGTH, 0))
     assert len(calib.batches) == 2 and any(bool((b.attention_mask == 0).any()) for b in calib.batches)  # padding
     table = measure(calib, candidates, group_size=G, progress=False)
-    embedding_kl = luc.embedding_sensitivity(calib, luc.embedding_options(PROFILE.weight_bits), G)
-    policy = luc.choose_policy("tiny-5m", ModelShape.from_config(model.config), table, embedding_kl, budget, PROFILE.name)
+    embedding_kl = luc.embedding_sensitivity(calib, sorted(PROFILE.weight_bits, reverse=True), G)
+    policy = luc.choose_policy(ModelShape.from_config(model.config), table.candidates, table.kl, embedding_kl, budget,
+                               group_size=G, model="tiny-5m", profile=PROFILE.name)
     assert not result.from_cache and len(set(policy.layers)) > 1
     # The head runs block by block, so the KLs agree to float rounding; everything else exactly.
     assert np.allclose(result.sensitivity.kl, table.kl, rtol=1e-5, atol=1e-12)
@@ -93,7 +95,7 @@ def test_streamed_gives_the_in_memory_policy_tables_and_model(tiny, monkeypatch)
     assert sorted(p.name for p in root.iterdir()) == ["cache", "calib.jsonl", "dense", "out"]  # no staging left
 
 
-@pytest.mark.parametrize("bits", [None, 16, 8, 4, 3, 2])
+@pytest.mark.parametrize("bits", [32, 16, 8, 4, 3, 2])
 def test_a_table_filled_block_by_block_is_the_one_made_whole(bits):
     weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
     whole = QuantizedTable.from_weight(weight, bits, group_size=32)
@@ -111,7 +113,7 @@ CHILD = textwrap.dedent("""
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the measurement)
     from edgecore import data
     from edgecore.luc import streamed
-    from edgecore.luc.sensitivity import Candidate
+    from edgecore.luc import Candidate
     from edgecore.profiles import resolve_profile
 
     folder, data_path, out, budget, hold_dense = sys.argv[1:6]
@@ -193,7 +195,7 @@ def test_a_bad_folder_is_named_with_the_fix(tiny, tmp_path, fault):
         folder.mkdir()
         for name in ("config.json", "model.safetensors"):
             (folder / name).write_bytes((source / name).read_bytes())
-        (folder / luc.POLICY_FILE).write_text("{}")
+        (folder / POLICY_FILE).write_text("{}")
         expected = r"bad is a compressed model folder .* give the dense model's folder"
     with pytest.raises(EdgecoreError, match=expected):
         compress_streamed(folder, PROFILE, dataset, tmp_path / "out", weight_budget=10 * MIB, group_size=G,

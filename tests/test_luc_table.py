@@ -9,7 +9,7 @@ from edgecore.encoding import IGNORE, Encoded, collate
 from edgecore.errors import EdgecoreError
 from edgecore.finetune import LoraSettings, add_lora
 from edgecore.luc import table as table_module
-from edgecore.luc.layer import STORAGE_BITS
+from edgecore.luc.storage import STORAGE_BITS
 from edgecore.luc.table import (
     QuantizedEmbedding,
     QuantizedHead,
@@ -56,7 +56,7 @@ def test_layout_prices_exactly_what_the_table_holds(bits):
     table = QuantizedTable.from_weight(_weight(), bits, GROUP)
     layout = TableLayout(ROWS, DIM, bits, GROUP)
     numel = ROWS * DIM
-    expected = {None: numel * 4, 16: numel * 2}.get(bits) or numel * bits // 8 + 2 * 2 * numel // GROUP
+    expected = {32: numel * 4, 16: numel * 2}.get(bits) or numel * bits // 8 + 2 * 2 * numel // GROUP
     assert table.nbytes() == layout.nbytes == table_nbytes(ROWS, DIM, bits, GROUP) == expected
     assert QuantizedTable(layout).nbytes() == expected
     for name, spec in layout.buffers().items():
@@ -211,7 +211,7 @@ def _fresh(config, device):
     return model.eval()
 
 
-@pytest.mark.parametrize("bits", [None, 16, 3])
+@pytest.mark.parametrize("bits", [32, 16, 3])
 @torch.no_grad()
 def test_state_dict_reloads_into_a_meta_model(bits):
     model, _ = models.load("tiny-micro", seed=0)
@@ -237,9 +237,9 @@ def test_state_dict_reloads_into_a_meta_model(bits):
 
 def test_state_dict_of_other_bits_is_refused():
     model, _ = models.load("tiny-micro", seed=0)
-    compress_embeddings(model, 16, MICRO_GROUP)  # fp16 values: as long as the fp32 stream of bits=None
+    compress_embeddings(model, 16, MICRO_GROUP)  # fp16 values: as long as the fp32 stream of bits=32
     other, _ = models.load("tiny-micro", seed=0)
-    empty_embeddings(other, None, MICRO_GROUP, tied=True)
+    empty_embeddings(other, 32, MICRO_GROUP, tied=True)
     with pytest.raises(EdgecoreError, match="embed_tokens.table.qweight is torch.float16 in the state dict"):
         other.load_state_dict(model.state_dict())
     with pytest.raises(EdgecoreError, match="compressed already"):

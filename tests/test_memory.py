@@ -193,8 +193,8 @@ def test_estimate_matches_measured_peak_of_a_window_step_on_tiny():
 
 def test_estimate_matches_measured_peak_of_a_window_step_on_a_compressed_tiny_model(tmp_path):
     from edgecore import models
-    from edgecore.luc import compress as luc
-    from edgecore.luc.sensitivity import Calibration, Candidate
+    from edgecore import luc
+    from edgecore.luc import Calibration, Candidate
     from tests.test_luc_compress import _batches
 
     model, tokenizer = models.load("tiny-5m", seed=0)

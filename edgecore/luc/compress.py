@@ -1,215 +1,35 @@
-"""LUC end to end: price every choice, pick the policy, compress the model, save and reload it.
+"""The LUC verb on a model you hold: `compress_(model, config, calibration) -> Policy`.
 
-A `Policy` gives every decoder layer one Candidate (sparsity or N:M pattern, and bits) and the
-token-embedding table a bit-width. Its `weight_bytes` is what the model's stored state will
-take, computed from the layouts alone before anything is compressed (`stored_nbytes` of the
-compressed model must agree; the tests and `simulations.bench luc` check it).
+    policy = compress_(model, LucConfig(candidates, embedding_bits=(8, 4), weight_budget_bytes=budget), batches)
 
-Embeddings and the tied LM head: SmolLM2's 49152 x 576 table is 113 MB in fp32, a fifth of
-the model and more than half of the smallest shipped budget, so it is compressed too. It is
-never pruned (a pruned row would erase a token), only group-quantized, and the tied head reads
-the same packed table (edgecore.luc.table), so it is stored once. Its bit-width is one more
-item of the knapsack, with its own measured sensitivity (the KL of quantizing the table alone,
-which affects the input and the head at once).
+Like torchao's `quantize_(model, Int4WeightOnlyConfig())`: in place, driven by a config object
+(edgecore.luc.config.LucConfig). The steps (`search`, then `apply_policy`): one dense
+calibration pass over the batches (activation norms for Wanda, cached layer inputs, dense
+log-probabilities), unless a Calibration is given; the sensitivity of every (layer, candidate),
+from the disk cache when one is given and holds it; the table's sensitivity per bit-width; the
+knapsack policy for the weight budget (edgecore.luc.policy.choose_policy); compression in place.
 
-A compressed model is a folder: config.json, tokenizer files, policy.json and
-model.safetensors (packed buffers). `load_compressed` rebuilds the module tree on the meta
-device from config + policy and fills it from the file, so reloading never materialises the
-dense model or recompresses anything.
+edgecore.luc.pipeline.compress is the same from a model name, a device profile and a data spec.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from edgecore.encoding import Batch
 from edgecore.errors import EdgecoreError
-from edgecore.luc import policy as knapsack
-from edgecore.luc.layer import CompressedLinear, expected_nbytes
+from edgecore.luc.config import FP32_BITS, Candidate, LucConfig
+from edgecore.luc.layer import set_module
+from edgecore.luc.policy import Policy, choose_policy
 from edgecore.luc.quant import dequantize_like
-from edgecore.luc.sensitivity import Calibration, Candidate, Sensitivity, compress_linear, linears
-from edgecore.luc.table import compress_embeddings, empty_embeddings, table_nbytes
-from edgecore.memory import FP32, MIB, ModelShape, StepPlan, estimate_step
-from edgecore.profiles import DeviceProfile
-
-EMBEDDING_DENSE = 32  # embedding_bits meaning "keep the fp32 table"
-POLICY_FILE, WEIGHTS_FILE = "policy.json", "model.safetensors"
-
-
-# ---------------------------------------------------------------- prices
-
-
-def layer_nbytes(shape: ModelShape, candidate: Candidate, group_size: int) -> int:
-    """Stored bytes of one decoder layer: its linears as the candidate stores them, plus two fp32 norms."""
-    linear_bytes = sum(
-        expected_nbytes(out_f, in_f, candidate.storage_bits, candidate.spec, group_size)
-        for in_f, out_f in shape.linears().values()
-    )
-    return linear_bytes + 2 * FP32 * shape.hidden
-
-
-def embedding_nbytes(shape: ModelShape, bits: int, group_size: int) -> int:
-    """Stored bytes of the token table (and of the head: nothing more when tied, a second table when not)."""
-    one = FP32 * shape.vocab * shape.hidden if bits == EMBEDDING_DENSE else table_nbytes(shape.vocab, shape.hidden, bits, group_size)
-    return one if shape.tied else 2 * one
-
-
-def embedding_options(profile_bits: Sequence[int]) -> list[int]:
-    """Bit-widths the table may take: the profile's, highest first."""
-    return sorted(set(profile_bits), reverse=True)
-
-
-# ---------------------------------------------------------------- the policy
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Per-layer storage of one model, and what it costs."""
-
-    model: str
-    group_size: int
-    layers: tuple[Candidate, ...]
-    embedding_bits: int  # 32 = fp32 table kept
-    weight_bytes: int  # every stored tensor of the compressed model
-    budget_bytes: int | None = None  # the weight budget it was chosen for (None: uniform, no budget)
-    kind: str = "luc"  # "luc" (searched) or "uniform"
-    sensitivity: tuple[float, ...] = ()  # per layer, KL of its choice (nats/token)
-    embedding_sensitivity: float = 0.0
-    profile: str = ""
-    notes: dict = field(default_factory=dict)
-
-    @property
-    def total_sensitivity(self) -> float:
-        return float(sum(self.sensitivity)) + self.embedding_sensitivity
-
-    def to_dict(self) -> dict:
-        raw = asdict(self)
-        raw["layers"] = [asdict(c) for c in self.layers]
-        return raw
-
-    @classmethod
-    def from_dict(cls, raw: dict, source: str = "policy") -> Policy:
-        try:
-            layers = tuple(Candidate(**c) for c in raw["layers"])
-            return cls(**{**raw, "layers": layers, "sensitivity": tuple(raw.get("sensitivity", ()))})
-        except (KeyError, TypeError) as err:
-            raise EdgecoreError(f"{source} is not an edgecore LUC policy ({err}); recompress with `python -m edgecore compress`") from None
-
-    def table(self, shape: ModelShape) -> list[dict]:
-        """One row per layer (and the embedding): what `compress` prints."""
-        rows = [
-            {"layer": str(i), "sensitivity": s, "sparsity": c.pattern if c.pattern != "unstructured" else c.sparsity,
-             "bits": c.bits, "mb": layer_nbytes(shape, c, self.group_size) / MIB}
-            for i, (c, s) in enumerate(zip(self.layers, self.sensitivity or [math.nan] * len(self.layers)))
-        ]
-        rows.append({"layer": "embed+head", "sensitivity": self.embedding_sensitivity, "sparsity": 0.0,
-                     "bits": self.embedding_bits, "mb": embedding_nbytes(shape, self.embedding_bits, self.group_size) / MIB})
-        return rows
-
-
-def fixed_nbytes(shape: ModelShape) -> int:
-    """Stored bytes no choice changes: the final norm."""
-    return FP32 * shape.hidden
-
-
-def policy_nbytes(shape: ModelShape, layers: Sequence[Candidate], embedding_bits: int, group_size: int) -> int:
-    return (
-        sum(layer_nbytes(shape, c, group_size) for c in layers)
-        + embedding_nbytes(shape, embedding_bits, group_size)
-        + fixed_nbytes(shape)
-    )
-
-
-def uniform_policy(model: str, shape: ModelShape, candidate: Candidate, embedding_bits: int, group_size: int = 64,
-                   sensitivity: Sensitivity | None = None, embedding_kl: dict[int, float] | None = None) -> Policy:
-    """The same candidate in every layer (the baseline LUC is measured against)."""
-    layers = (candidate,) * shape.layers
-    per_layer = ()
-    if sensitivity is not None:
-        per_layer = tuple(float(v) for v in sensitivity.kl[:, sensitivity.candidates.index(candidate)])
-    return Policy(model, group_size, layers, embedding_bits, policy_nbytes(shape, layers, embedding_bits, group_size),
-                  kind="uniform", sensitivity=per_layer,
-                  embedding_sensitivity=(embedding_kl or {}).get(embedding_bits, 0.0))
-
-
-def choose_policy(
-    model: str,
-    shape: ModelShape,
-    sensitivity: Sensitivity,
-    embedding_kl: dict[int, float],
-    budget_bytes: int,
-    profile: str = "",
-) -> Policy:
-    """The least-sensitive policy whose stored weights fit `budget_bytes` (multiple-choice knapsack).
-
-    `embedding_kl` maps each allowed embedding bit-width to its measured KL; the table is one
-    more knapsack item. The fixed bytes (final norm) are taken off the budget first.
-    """
-    g = sensitivity.group_size
-    items = [
-        [knapsack.Option(c.label, layer_nbytes(shape, c, g), float(sensitivity.kl[l, j]))
-         for j, c in enumerate(sensitivity.candidates)]
-        for l in range(shape.layers)
-    ]
-    bits_list = sorted(embedding_kl, reverse=True)
-    items.append([knapsack.Option(f"{b}b", embedding_nbytes(shape, b, g), float(embedding_kl[b])) for b in bits_list])
-    fixed = fixed_nbytes(shape)
-    try:
-        chosen = knapsack.solve(items, budget_bytes - fixed)
-    except EdgecoreError:
-        smallest = knapsack.min_budget(items) + fixed
-        raise EdgecoreError(
-            f"the weight budget of {budget_bytes / MIB:.1f} MB cannot hold {model} even at its most compressed: "
-            f"the smallest budget that fits is {smallest / MIB:.1f} MB; raise the device's memory_budget_mb "
-            "(or --weight-budget-mb), reserve less for tuning (smaller --batch / --tuning-window), "
-            "or allow more compression in the profile (fewer weight_bits, more sparsity)"
-        ) from None
-    layers = tuple(sensitivity.candidates[j] for j in chosen[:-1])
-    embedding_bits = bits_list[chosen[-1]]
-    return Policy(
-        model, g, layers, embedding_bits, policy_nbytes(shape, layers, embedding_bits, g), budget_bytes, "luc",
-        tuple(float(sensitivity.kl[l, j]) for l, j in enumerate(chosen[:-1])), float(embedding_kl[embedding_bits]),
-        profile,
-    )
-
-
-# ---------------------------------------------------------------- budget
-
-
-def tuning_reserve_bytes(shape: ModelShape, plan: StepPlan) -> int:
-    """What one training step of `plan` needs besides the base weights, as the estimator predicts it."""
-    estimate = estimate_step(shape, replace(plan, weight_bytes=0))
-    return math.ceil(estimate.total_mb * MIB) + 1  # rounded up, so weights at the budget still leave the step room
-
-
-def weight_budget_bytes(profile: DeviceProfile, shape: ModelShape, plan: StepPlan) -> int:
-    """The profile's memory budget minus the tuning state of `plan`: what the stored weights may take."""
-    budget = int(profile.memory_budget_mb * MIB) - tuning_reserve_bytes(shape, plan)
-    if budget <= 0:
-        raise EdgecoreError(
-            f"device {profile.name} ({profile.source or 'profile'}): memory_budget_mb = {profile.memory_budget_mb:g} "
-            f"leaves nothing for weights after the tuning step's {tuning_reserve_bytes(shape, plan) / MIB:.0f} MB "
-            f"(batch {plan.batch} x {plan.seq_len}, window {plan.window}); use a smaller batch or window, or give "
-            "--weight-budget-mb explicitly"
-        )
-    return budget
-
-
-def default_tuning_plan(shape: ModelShape, batch: int = 4, seq_len: int = 128, window_layers: int = 1) -> StepPlan:
-    """The step the budget must leave room for: LoRA on the top `window_layers` layers (adaptive-depth
-    tuning then uses whatever room the compressed weights leave for deeper windows)."""
-    if not 1 <= window_layers <= shape.layers:
-        raise EdgecoreError(f"tuning window of {window_layers} layers must be in 1..{shape.layers}")
-    # packed: the window's compressed linears dequantize in their forward, and autograd keeps that copy.
-    return StepPlan(batch=batch, seq_len=seq_len, window=(shape.layers - window_layers, shape.layers - 1),
-                    allocator="returning", packed_weights=True)
-
+from edgecore.luc.sensitivity import Calibration, Sensitivity, SensitivityCache, compress_linear, linears, measure_cached
+from edgecore.luc.table import compress_embeddings
+from edgecore.memory import MIB, ModelShape
 
 # ---------------------------------------------------------------- sensitivity of the table
 
@@ -222,7 +42,7 @@ def embedding_sensitivity(calib: Calibration, bits_options: Sequence[int], group
     original, original_head = table.data, head.data
     result = {}
     for bits in bits_options:
-        if bits == EMBEDDING_DENSE:
+        if bits == FP32_BITS:
             result[bits] = 0.0
             continue
         try:
@@ -235,12 +55,64 @@ def embedding_sensitivity(calib: Calibration, bits_options: Sequence[int], group
     return result
 
 
-# ---------------------------------------------------------------- apply, measure, save, load
+# ---------------------------------------------------------------- measure and choose
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
+@dataclass
+class Search:
+    """What `search` measured and chose (the model is left as it was)."""
+
+    policy: Policy
+    sensitivity: Sensitivity
+    embedding_kl: dict[int, float]
+    calibration: Calibration
+    from_cache: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def calibrate(model, config: LucConfig, calibration: Calibration | Sequence[Batch]) -> Calibration:
+    """`calibration` itself, or the dense pass over those batches (at `config.kl_tokens` positions)."""
+    if isinstance(calibration, Calibration):
+        return calibration
+    return Calibration(model, calibration, kl_tokens=config.kl_tokens)
+
+
+def search(
+    model, config: LucConfig, calibration: Calibration | Sequence[Batch], *, model_id: str = "", profile: str = "",
+    cache: SensitivityCache | None = None, progress: bool = False,
+) -> Search:
+    """Measure every choice `config` allows and pick the policy for its budget; the model is not changed.
+
+    `model_id` names the model in the policy and the sensitivity cache key; `profile` names the
+    device in the policy.
+    """
+    seconds = {}
+    started = time.perf_counter()
+    calib = calibrate(model, config, calibration)
+    seconds["calibration"] = time.perf_counter() - started
+    table, from_cache = measure_cached(
+        calib, config.candidates, model_id=model_id, cache=cache, group_size=config.group_size, progress=progress
+    )
+    seconds["sensitivity"] = table.seconds
+    started = time.perf_counter()
+    embedding_kl = embedding_sensitivity(calib, config.embedding_bits, config.group_size)
+    seconds["embedding_sensitivity"] = time.perf_counter() - started
+    policy = choose_policy(ModelShape.from_config(calib.model.config), table.candidates, table.kl, embedding_kl,
+                           config.weight_budget_bytes, group_size=config.group_size, model=model_id, profile=profile)
+    return Search(policy, table, embedding_kl, calib, from_cache, seconds)
+
+
+def compress_(
+    model, config: LucConfig, calibration: Calibration | Sequence[Batch], *, model_id: str = "", profile: str = "",
+    cache: SensitivityCache | None = None, progress: bool = False,
+) -> Policy:
+    """Compress `model` in place as LUC chooses for `config` (`search`, then `apply_policy`); returns the policy."""
+    found = search(model, config, calibration, model_id=model_id, profile=profile, cache=cache, progress=progress)
+    apply_policy(model, found.policy, found.calibration)
+    return found.policy
+
+
+# ---------------------------------------------------------------- apply
 
 
 @torch.no_grad()
@@ -252,7 +124,7 @@ def compress_layer(
     if candidate.is_dense:
         return
     for name, linear in linears(layer).items():
-        _set_module(layer, name, compress_linear(linear, act_norm(name), candidate, group_size))
+        set_module(layer, name, compress_linear(linear, act_norm(name), candidate, group_size))
 
 
 @torch.no_grad()
@@ -263,8 +135,11 @@ def apply_policy(model, policy: Policy, calib: Calibration) -> None:
         raise EdgecoreError(f"the policy has {len(policy.layers)} layers but the model has {len(layers)}")
     for index, (layer, candidate) in enumerate(zip(layers, policy.layers)):
         compress_layer(layer, candidate, lambda name, index=index: calib.act_norm(index, name), policy.group_size)
-    if policy.embedding_bits != EMBEDDING_DENSE:
+    if policy.embedding_bits != FP32_BITS:
         compress_embeddings(model, policy.embedding_bits, policy.group_size)
+
+
+# ---------------------------------------------------------------- measure what it holds
 
 
 def stored_nbytes(model: nn.Module) -> int:
@@ -278,100 +153,6 @@ def stored_nbytes(model: nn.Module) -> int:
     return total
 
 
-def save_compressed(folder: Path | str, model, tokenizer, policy: Policy) -> Path:
-    """Write the compressed model folder; returns it. A tied dense head is stored once."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if policy.embedding_bits == EMBEDDING_DENSE and getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    save_file(state, str(folder / WEIGHTS_FILE))
-    model.config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / POLICY_FILE).write_text(json.dumps(policy.to_dict(), indent=2))
-    return folder
-
-
-def read_policy(folder: Path | str) -> Policy:
-    path = Path(folder) / POLICY_FILE
-    if not path.is_file():
-        raise EdgecoreError(f"{path} not found: {folder} is not a compressed model folder (made by `python -m edgecore compress`)")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as err:
-        raise EdgecoreError(f"{path} is not valid JSON ({err}); recompress the model") from None
-    return Policy.from_dict(raw, str(path))
-
-
-def is_compressed_folder(path: Path | str) -> bool:
-    return (Path(path) / POLICY_FILE).is_file()
-
-
-def load_compressed(folder: Path | str, owned: bool = False):
-    """(model, tokenizer, policy) from a folder written by `save_compressed`, without recompressing.
-
-    The weights are mapped from the file (pages are read as they are touched). With owned=True
-    they are copied into memory of their own instead: freeing one of them (a layer the scheduler
-    streams or parks on disk) then gives its memory back, which one shared mapping would not.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(folder)
-    policy = read_policy(folder)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    for layer, candidate in zip(model.model.layers, policy.layers):
-        if candidate.is_dense:
-            continue
-        for name, linear in linears(layer).items():
-            empty = CompressedLinear.empty_like(linear, bits=candidate.storage_bits, sparsity=candidate.spec,
-                                                group_size=policy.group_size)
-            _set_module(layer, name, empty)
-    if policy.embedding_bits != EMBEDDING_DENSE:
-        empty_embeddings(model, policy.embedding_bits, policy.group_size, tied=bool(config.tie_word_embeddings))
-    if owned:
-        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as file:
-            state = {key: file.get_tensor(key).clone() for key in file.keys()}
-    else:
-        state = load_file(str(folder / WEIGHTS_FILE))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied_head = policy.embedding_bits == EMBEDDING_DENSE and config.tie_word_embeddings
-    if tied_head:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    missing = [k for k in missing if not (tied_head and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise EdgecoreError(
-            f"{folder / WEIGHTS_FILE} does not match its policy: missing {missing[:4]}, unexpected {unexpected[:4]}; "
-            "recompress the model"
-        )
-    _rebuild_unsaved_buffers(model, config)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer, policy
-
-
-def rebuild_meta_buffers(model: nn.Module, config) -> None:
-    """Build again, for real, from the config, every module whose own buffers are on the meta device:
-    buffers a checkpoint never holds (RoPE's inverse frequencies) of a model built on meta."""
-    for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            _set_module(model, name, type(module)(config=config))
-
-
-def _rebuild_unsaved_buffers(model: nn.Module, config) -> None:
-    """`rebuild_meta_buffers` after loading a checkpoint, which must leave nothing else on meta."""
-    rebuild_meta_buffers(model, config)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise EdgecoreError(f"the compressed checkpoint leaves {left[:4]} unset; recompress the model")
-
-
 def summarize_memory(policy: Policy, model: nn.Module) -> dict:
     """Promised (policy) against measured (stored tensors) bytes."""
     measured = stored_nbytes(model)
@@ -379,9 +160,5 @@ def summarize_memory(policy: Policy, model: nn.Module) -> dict:
             "ratio": measured / policy.weight_bytes}
 
 
-__all__ = [
-    "EMBEDDING_DENSE", "Policy", "apply_policy", "choose_policy", "default_tuning_plan", "embedding_nbytes",
-    "embedding_options", "embedding_sensitivity", "is_compressed_folder", "layer_nbytes", "load_compressed",
-    "policy_nbytes", "read_policy", "save_compressed", "stored_nbytes", "summarize_memory", "tuning_reserve_bytes",
-    "uniform_policy", "weight_budget_bytes",
-]
+__all__ = ["Search", "apply_policy", "calibrate", "compress_", "compress_layer", "embedding_sensitivity", "search",
+           "stored_nbytes", "summarize_memory"]

@@ -1,7 +1,7 @@
 """CompressedLinear: a drop-in nn.Linear whose weight really takes less memory.
 
 Only the KEPT weights are stored, as one row-major stream: packed group-quantized codes with
-fp16 scales and zeros (bits 2/3/4/8), or plain fp16 (bits 16) / fp32 (bits None) values. A
+fp16 scales and zeros (bits 2/3/4/8), or plain fp16 (bits 16) / fp32 (bits 32) values. A
 sparse layer also stores its keep-mask, one bit per weight. Everything is a registered buffer,
 so `state_dict()` / `load_state_dict()` round-trip and `nbytes()` is the memory really held.
 
@@ -31,12 +31,10 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from edgecore.errors import EdgecoreError
-from edgecore.luc.storage import PackedStorage, bits_label
-from edgecore.luc.prune import Sparsity, kept_per_row
-from edgecore.luc.quant import QUANT_BITS, FP16_MAX, QuantizedTensor, num_groups, pack, packed_nbytes, quantize, unpack
-
-STORAGE_BITS = (None, 16, *QUANT_BITS)  # None: fp32 values; 16: fp16 values; else packed codes
-_FLOAT_STORAGE = {None: torch.float32, 16: torch.float16}
+from edgecore.luc.config import FP16_BITS, Sparsity
+from edgecore.luc.prune import kept_per_row
+from edgecore.luc.quant import FP16_MAX, QuantizedTensor, num_groups, pack, packed_nbytes, quantize, unpack
+from edgecore.luc.storage import FLOAT_DTYPES, STORAGE_BITS, PackedStorage, bits_label
 
 
 @dataclass(frozen=True)
@@ -45,7 +43,7 @@ class Layout:
 
     out_features: int
     in_features: int
-    bits: int | None
+    bits: int
     kept: int  # weights stored, the rest are pruned (zero)
     group_size: int = 64
     bias: bool = False
@@ -67,7 +65,7 @@ class Layout:
         cls,
         out_features: int,
         in_features: int,
-        bits: int | None,
+        bits: int,
         sparsity: Sparsity = 0.0,
         group_size: int = 64,
         bias: bool = False,
@@ -92,8 +90,8 @@ class Layout:
 
     def buffers(self) -> dict[str, tuple[tuple[int, ...], torch.dtype] | None]:
         """name -> (shape, dtype) of every buffer; None for a buffer this layout does not hold."""
-        if self.bits in _FLOAT_STORAGE:
-            stream = ((self.kept,), _FLOAT_STORAGE[self.bits])
+        if self.bits in FLOAT_DTYPES:
+            stream = ((self.kept,), FLOAT_DTYPES[self.bits])
             scale = zero = None
         else:
             stream = ((packed_nbytes(self.kept, self.bits),), torch.uint8)
@@ -114,14 +112,14 @@ class Layout:
 def expected_nbytes(
     out_features: int,
     in_features: int,
-    bits: int | None,
+    bits: int,
     sparsity: Sparsity = 0.0,
     group_size: int = 64,
     bias: bool = False,
 ) -> int:
     """Bytes a CompressedLinear of this configuration holds: the memory cost of a policy choice.
 
-    `sparsity` is an unstructured fraction in [0, 1) or an N:M pattern ("2:4" or NMPattern).
+    `sparsity` is an unstructured fraction in [0, 1) or an NMPattern.
     """
     return Layout.for_config(out_features, in_features, bits, sparsity, group_size, bias).nbytes
 
@@ -146,7 +144,7 @@ class CompressedLinear(PackedStorage):
         out_features: int,
         in_features: int,
         *,
-        bits: int | None,
+        bits: int,
         sparsity: Sparsity = 0.0,
         group_size: int = 64,
         bias: bool = False,
@@ -157,7 +155,7 @@ class CompressedLinear(PackedStorage):
 
     @classmethod
     def empty_like(
-        cls, linear: nn.Linear, *, bits: int | None, sparsity: Sparsity = 0.0, group_size: int = 64
+        cls, linear: nn.Linear, *, bits: int, sparsity: Sparsity = 0.0, group_size: int = 64
     ) -> CompressedLinear:
         """`empty` with the shape, bias and device of `linear` (which may live on the meta device)."""
         return cls.empty(
@@ -172,7 +170,7 @@ class CompressedLinear(PackedStorage):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, *, bits: int | None, keep: torch.Tensor | None = None, group_size: int = 64
+        cls, linear: nn.Linear, *, bits: int, keep: torch.Tensor | None = None, group_size: int = 64
     ) -> CompressedLinear:
         """Compress `linear`: store the weights where `keep` is True (all if None) at `bits`.
 
@@ -205,9 +203,9 @@ class CompressedLinear(PackedStorage):
 
     def _store_values(self, values: torch.Tensor) -> None:
         bits = self.layout.bits
-        if bits in _FLOAT_STORAGE:
-            if bits == 16 and float(values.abs().max()) > FP16_MAX:
-                raise EdgecoreError(f"weights exceed the fp16 range (|w| <= {FP16_MAX}); store them with bits=None")
+        if bits in FLOAT_DTYPES:
+            if bits == FP16_BITS and float(values.abs().max()) > FP16_MAX:
+                raise EdgecoreError(f"weights exceed the fp16 range (|w| <= {FP16_MAX}); store them with bits=32")
             self.qweight.copy_(values)
             return
         q = quantize(values, bits, self.layout.group_size)
@@ -218,7 +216,7 @@ class CompressedLinear(PackedStorage):
     # -- use ---------------------------------------------------------------------------------
 
     @property
-    def bits(self) -> int | None:
+    def bits(self) -> int:
         return self.layout.bits
 
     @property
@@ -227,7 +225,7 @@ class CompressedLinear(PackedStorage):
 
     def values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The stored (kept) weights as a 1-D tensor, dequantized."""
-        if self.layout.bits in _FLOAT_STORAGE:
+        if self.layout.bits in FLOAT_DTYPES:
             return self.qweight.to(dtype)
         q = QuantizedTensor(
             self.qweight, self.scale, self.zero, (self.layout.kept,), self.layout.bits, self.layout.group_size
@@ -296,3 +294,9 @@ def register_peft(config: LoraConfig) -> LoraConfig:
     """Let `config` put LoRA on CompressedLinear targets (peft's custom-module mapping); returns it."""
     config._register_custom_module(PEFT_CUSTOM_MODULES)
     return config
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` inside `root` (replacing what is there)."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

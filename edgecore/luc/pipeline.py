@@ -2,6 +2,9 @@
 
     result = compress("smollm2-135m", resolve_profile("pi-zero-2w"), "bbc")
 
+The name-based wrapper of `edgecore.luc.compress_` (which works on a model you hold), for the CLI
+(`python -m edgecore compress`), edgecore.device and the benches.
+
 Steps: calibration batches from the data's training split; one dense calibration pass
 (activation norms for Wanda, cached layer inputs, dense log-probabilities); sensitivity of
 every (layer, candidate) the profile allows, from the disk cache when the same model, tokens
@@ -24,17 +27,12 @@ from edgecore import data as datasets
 from edgecore import models
 from edgecore.encoding import Batch, Encoder, collate
 from edgecore.errors import EdgecoreError
-from edgecore.luc.compress import (
-    Policy,
-    apply_policy,
-    choose_policy,
-    default_tuning_plan,
-    embedding_options,
-    embedding_sensitivity,
-    weight_budget_bytes,
-)
-from edgecore.luc.sensitivity import Calibration, Candidate, Sensitivity, SensitivityCache, measure_cached
-from edgecore.memory import ModelShape, StepPlan
+from edgecore.luc.budget import tuning_reserve_bytes, tuning_reserve_step
+from edgecore.luc.compress import apply_policy, search
+from edgecore.luc.config import DEFAULT_GROUP_SIZE, UNSTRUCTURED, Candidate, LucConfig
+from edgecore.luc.policy import Policy
+from edgecore.luc.sensitivity import Calibration, Sensitivity, SensitivityCache
+from edgecore.memory import MIB, ModelShape, StepPlan
 from edgecore.profiles import DeviceProfile
 
 log = logging.getLogger(__name__)
@@ -69,6 +67,36 @@ def calibration_batches(tokenizer, dataset, samples: int = 8, seq_len: int = 128
     return [collate(encoded[i : i + CALIBRATION_BATCH], tokenizer.pad_token_id) for i in range(0, samples, CALIBRATION_BATCH)]
 
 
+# ---------------------------------------------------------------- from a device profile
+
+
+def weight_budget_bytes(profile: DeviceProfile, shape: ModelShape, plan: StepPlan) -> int:
+    """The profile's memory budget minus the tuning state of `plan`: what the stored weights may take."""
+    budget = int(profile.memory_budget_mb * MIB) - tuning_reserve_bytes(shape, plan)
+    if budget <= 0:
+        raise EdgecoreError(
+            f"device {profile.name} ({profile.source or 'profile'}): memory_budget_mb = {profile.memory_budget_mb:g} "
+            f"leaves nothing for weights after the tuning step's {tuning_reserve_bytes(shape, plan) / MIB:.0f} MB "
+            f"(batch {plan.batch} x {plan.seq_len}, window {plan.window}); use a smaller batch or window, or give "
+            "--weight-budget-mb explicitly"
+        )
+    return budget
+
+
+def profile_config(profile: DeviceProfile, weight_budget: int, *, candidates: list[Candidate] | None = None,
+                   calib_samples: int = 8, calib_len: int = 128, group_size: int = DEFAULT_GROUP_SIZE,
+                   seed: int = 0) -> LucConfig:
+    """The LucConfig of compressing for `profile` within `weight_budget` bytes: its candidates (or
+    `candidates`, which must be among them) and its bit-widths for the table."""
+    config = LucConfig(tuple(profile.candidates()), tuple(profile.weight_bits), weight_budget, group_size,
+                       calib_samples, calib_len, seed=seed)
+    try:
+        return config.allowing(candidates)
+    except EdgecoreError:
+        wrong = [c.label for c in set(candidates) - set(config.candidates)]
+        raise EdgecoreError(f"candidates {wrong} are not allowed by device {profile.name}") from None
+
+
 @dataclass
 class CompressResult:
     model: object
@@ -79,10 +107,6 @@ class CompressResult:
     calibration: Calibration
     from_cache: bool
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def profile_candidates(profile: DeviceProfile) -> list[Candidate]:
-    return [Candidate.from_profile(c) for c in profile.candidates()]
 
 
 # The "quick" grid: 8 or 4 bits unpruned, or half pruned at 4 bits (the pi-zero-2w profile's
@@ -96,9 +120,9 @@ def grid_candidates(profile: DeviceProfile, grid: str) -> list[Candidate]:
     """The profile's candidates, all ("full") or the quick grid's among them (all when it has none of those)."""
     if grid not in GRIDS:
         raise EdgecoreError(f"LUC grid {grid!r} is not one of {GRIDS}")
-    candidates = profile_candidates(profile)
+    candidates = profile.candidates()
     if grid == "quick":
-        quick = [c for c in candidates if c.pattern == "unstructured" and (c.sparsity, c.bits) in QUICK]
+        quick = [c for c in candidates if c.pattern == UNSTRUCTURED and (c.sparsity, c.bits) in QUICK]
         candidates = quick or candidates
     return candidates
 
@@ -112,51 +136,37 @@ def compress(
     plan: StepPlan | None = None,
     calib_samples: int = 8,
     calib_len: int = 128,
-    group_size: int = 64,
+    group_size: int = DEFAULT_GROUP_SIZE,
     cache: SensitivityCache | None = None,
     seed: int = 0,
     progress: bool = True,
     candidates: list[Candidate] | None = None,
 ) -> CompressResult:
-    """Measure, choose and apply the LUC policy of `model_name` for `profile` (see the module docstring).
+    """Load `model_name` and calibration data, then LUC-compress the model for `profile` (see the module docstring):
+    `edgecore.luc.compress_` by name.
 
-    `candidates` narrows the profile's choices (a subset of them), e.g. to measure faster.
+    `weight_budget` (bytes) defaults to the profile's budget less the tuning step `plan`
+    (default: `tuning_reserve_step`). `candidates` narrows the profile's choices (a subset of
+    them), e.g. to measure faster.
     """
     models.check_source(model_name)
     shape = models.shape(model_name)
     if weight_budget is None:
-        budget = weight_budget_bytes(profile, shape, plan or default_tuning_plan(shape))
-    elif weight_budget > 0:
-        budget = weight_budget
-    else:
-        raise EdgecoreError(f"weight budget {weight_budget} bytes must be positive")
+        weight_budget = weight_budget_bytes(profile, shape, plan or tuning_reserve_step(shape))
+    config = profile_config(profile, weight_budget, candidates=candidates, calib_samples=calib_samples,
+                            calib_len=calib_len, group_size=group_size, seed=seed)
     dataset = datasets.load(data_spec, seed=seed)
-    seconds = {}
     started = time.perf_counter()
     model, tokenizer = models.load(model_name, seed=seed)
-    seconds["load"] = time.perf_counter() - started
+    load_s = time.perf_counter() - started
 
+    batches = calibration_batches(tokenizer, dataset, config.calib_samples, config.calib_len, config.seed)
+    found = search(model, config, batches, model_id=model_name, profile=profile.name, cache=cache, progress=progress)
     started = time.perf_counter()
-    calib = Calibration(model, calibration_batches(tokenizer, dataset, calib_samples, calib_len, seed))
-    seconds["calibration"] = time.perf_counter() - started
-    allowed = profile_candidates(profile)
-    if candidates is None:
-        candidates = allowed
-    elif not set(candidates) <= set(allowed):
-        raise EdgecoreError(f"candidates {[c.label for c in set(candidates) - set(allowed)]} are not allowed by device {profile.name}")
-    table, from_cache = measure_cached(
-        calib, candidates, model_id=model_name, cache=cache, group_size=group_size, progress=progress
-    )
-    seconds["sensitivity"] = table.seconds
-    started = time.perf_counter()
-    embedding_kl = embedding_sensitivity(calib, embedding_options(profile.weight_bits), group_size)
-    seconds["embedding_sensitivity"] = time.perf_counter() - started
-
-    policy = choose_policy(model_name, shape, table, embedding_kl, budget, profile.name)
-    started = time.perf_counter()
-    apply_policy(model, policy, calib)
-    seconds["apply"] = time.perf_counter() - started
-    return CompressResult(model, tokenizer, policy, table, embedding_kl, calib, from_cache, seconds)
+    apply_policy(model, found.policy, found.calibration)
+    seconds = {"load": load_s, **found.seconds, "apply": time.perf_counter() - started}
+    return CompressResult(model, tokenizer, found.policy, found.sensitivity, found.embedding_kl, found.calibration,
+                          found.from_cache, seconds)
 
 
 def default_out(model_name: str, profile: DeviceProfile) -> Path:

@@ -14,63 +14,27 @@ stored size of a compressed layer follows from its shape and configuration alone
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from edgecore.errors import EdgecoreError
-
-
-@dataclass(frozen=True)
-class NMPattern:
-    """Keep `n` of every `m` consecutive input weights of a row."""
-
-    n: int
-    m: int
-
-    def __post_init__(self):
-        if not (isinstance(self.m, int) and isinstance(self.n, int) and 1 <= self.n < self.m):
-            raise EdgecoreError(f"N:M pattern {self.n}:{self.m} needs integers with 1 <= n < m (e.g. 2:4)")
-
-    @property
-    def sparsity(self) -> float:
-        return 1 - self.n / self.m
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}"
-
-
-# How a layer is pruned: a float is an unstructured sparsity in [0, 1); a pattern (or its
-# text "n:m") is N:M. "unstructured" on its own names no amount, so it is not a Sparsity.
-Sparsity = Union[float, str, NMPattern]
-
-
-def parse_pattern(text: str) -> NMPattern | None:
-    """"unstructured" -> None; "2:4", "4:8", ... -> NMPattern (whose sparsity is 1 - n/m)."""
-    text = str(text).strip().lower()
-    if text == "unstructured":
-        return None
-    match = re.fullmatch(r"(\d+):(\d+)", text)
-    if not match:
-        raise EdgecoreError(f"sparsity pattern {text!r} is not 'unstructured' or 'n:m' (e.g. '2:4', '4:8')")
-    return NMPattern(int(match.group(1)), int(match.group(2)))
+from edgecore.luc.config import NMPattern, Sparsity
 
 
 def normalize_sparsity(sparsity: Sparsity) -> float | NMPattern:
-    """A float in [0, 1) for unstructured pruning, or an NMPattern."""
+    """A float in [0, 1) for unstructured pruning, or the NMPattern given (N:M text is parsed by
+    edgecore.luc.config.parse_n_m, once, before it gets here)."""
     if isinstance(sparsity, NMPattern):
         return sparsity
     if isinstance(sparsity, str):
-        pattern = parse_pattern(sparsity)
-        if pattern is None:
-            raise EdgecoreError("'unstructured' needs an amount: give the sparsity as a number in [0, 1) instead")
-        return pattern
+        raise EdgecoreError(f"sparsity {sparsity!r} is text: give a number in [0, 1) or an NMPattern "
+                            "(parse_n_m reads '2:4'; 'unstructured' needs an amount)")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise EdgecoreError(f"sparsity {sparsity!r} must be a number in [0, 1) or an 'n:m' pattern like '2:4'")
+        raise EdgecoreError(
+            f"sparsity {sparsity!r} must be a number in [0, 1) or an NMPattern (parse_n_m('2:4') reads one from text)"
+        )
     return float(sparsity)
 
 

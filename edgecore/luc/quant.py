@@ -30,7 +30,7 @@ def _check_pack_bits(bits: int) -> None:
         raise EdgecoreError(f"cannot pack {bits}-bit codes: bits must be one of {PACK_BITS}")
 
 
-def _chunk(bits: int) -> tuple[int, int]:
+def chunk(bits: int) -> tuple[int, int]:
     """(codes, bytes) of the smallest whole-byte chunk: lcm(bits, 8) bits, at most 24."""
     chunk_bits = math.lcm(bits, 8)
     return chunk_bits // bits, chunk_bits // 8
@@ -41,7 +41,7 @@ def packed_nbytes(numel: int, bits: int) -> int:
     _check_pack_bits(bits)
     if numel < 0:
         raise EdgecoreError(f"numel={numel} must be at least 0")
-    codes, nbytes = _chunk(bits)
+    codes, nbytes = chunk(bits)
     return -(-numel // codes) * nbytes
 
 
@@ -55,7 +55,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise EdgecoreError(f"a code of {int(flat.max())} does not fit in {bits} bits (allowed 0..{2**bits - 1})")
     if bits == 8:
         return flat.clone()
-    per, nbytes = _chunk(bits)
+    per, nbytes = chunk(bits)
     pad = -flat.numel() % per
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -84,7 +84,7 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed.clone()
-    per, nbytes = _chunk(bits)
+    per, nbytes = chunk(bits)
     if nbytes == 1:
         words = packed
     else:

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -37,48 +37,13 @@ from tqdm.auto import tqdm
 from edgecore import lm
 from edgecore.encoding import Batch
 from edgecore.errors import EdgecoreError
+from edgecore.luc.config import DEFAULT_KL_TOKENS, Candidate
 from edgecore.luc.layer import CompressedLinear
 from edgecore.luc.prune import ActivationStats, keep_mask, wanda_scores
 
 log = logging.getLogger(__name__)
 
-DENSE_BITS = 32
-DEFAULT_KL_TOKENS = 128
 CACHE_VERSION = 1  # bump when what is measured changes
-
-
-@dataclass(frozen=True, order=True)
-class Candidate:
-    """One way to store a layer: pruning (unstructured sparsity or N:M) and a weight bit-width."""
-
-    sparsity: float = 0.0  # fraction pruned; for N:M it is 1 - n/m
-    pattern: str = "unstructured"  # or "n:m", e.g. "2:4"
-    bits: int = DENSE_BITS  # 32 = fp32 values, 16 = fp16 values, else packed integer codes
-
-    @property
-    def label(self) -> str:
-        prune = self.pattern if self.pattern != "unstructured" else f"{self.sparsity:.0%}"
-        return f"{prune} / {self.bits}b"
-
-    @property
-    def is_dense(self) -> bool:
-        return self.sparsity == 0 and self.pattern == "unstructured" and self.bits == DENSE_BITS
-
-    @property
-    def spec(self):
-        """The sparsity as edgecore.luc.prune takes it: a fraction, or the N:M pattern text."""
-        return self.sparsity if self.pattern == "unstructured" else self.pattern
-
-    @property
-    def storage_bits(self) -> int | None:
-        """CompressedLinear's `bits`: None for fp32 values."""
-        return None if self.bits == DENSE_BITS else self.bits
-
-    @classmethod
-    def from_profile(cls, choice: tuple[float, str, int]) -> Candidate:
-        """From one `DeviceProfile.candidates()` entry (sparsity, "dense"|"unstructured"|"n:m", bits)."""
-        sparsity, pattern, bits = choice
-        return cls(float(sparsity), "unstructured" if pattern == "dense" else pattern, int(bits))
 
 
 def linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -88,7 +53,7 @@ def linears(layer: nn.Module) -> dict[str, nn.Linear]:
 
 def wanda_keep(linear: nn.Linear, act_norm: torch.Tensor, candidate: Candidate) -> torch.Tensor | None:
     """The candidate's Wanda keep-mask for `linear`, or None when it prunes nothing."""
-    if candidate.pattern == "unstructured" and candidate.sparsity == 0:
+    if not candidate.prunes:
         return None
     return keep_mask(wanda_scores(linear.weight.data, act_norm), candidate.spec)
 
@@ -105,7 +70,7 @@ def compress_linear(
             masks[key] = keep
     else:
         keep = masks[key]
-    return CompressedLinear.from_linear(linear, bits=candidate.storage_bits, keep=keep, group_size=group_size)
+    return CompressedLinear.from_linear(linear, bits=candidate.bits, keep=keep, group_size=group_size)
 
 
 @contextmanager
@@ -278,7 +243,7 @@ class Sensitivity:
 
     def to_dict(self) -> dict:
         return {
-            "candidates": [asdict(c) for c in self.candidates],
+            "candidates": [c.to_dict() for c in self.candidates],
             "kl": self.kl.tolist(),
             "output_mse": self.output_mse.tolist(),
             "seconds": self.seconds,
@@ -290,7 +255,7 @@ class Sensitivity:
     @classmethod
     def from_dict(cls, raw: dict) -> Sensitivity:
         return cls(
-            [Candidate(**c) for c in raw["candidates"]],
+            [Candidate.from_dict(c) for c in raw["candidates"]],
             np.asarray(raw["kl"], dtype=float),
             np.asarray(raw["output_mse"], dtype=float),
             float(raw["seconds"]),

@@ -1,14 +1,21 @@
-"""What every packed-storage module shares: its size, a refusal to load mismatched buffers, its label."""
+"""What every packed-storage module shares: the bit-widths it stores, its size, a refusal to load
+mismatched buffers, its label."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from edgecore.errors import EdgecoreError
+from edgecore.luc.config import FP16_BITS, FP32_BITS
+from edgecore.luc.quant import QUANT_BITS
+
+FLOAT_DTYPES = {FP32_BITS: torch.float32, FP16_BITS: torch.float16}  # bits stored as plain float values
+STORAGE_BITS = (FP32_BITS, FP16_BITS, *QUANT_BITS)  # fp32 values, fp16 values, else packed codes
 
 
-def bits_label(bits: int | None) -> str:
-    return {None: "fp32", 16: "fp16"}.get(bits, f"{bits}-bit")
+def bits_label(bits: int) -> str:
+    return {FP32_BITS: "fp32", FP16_BITS: "fp16"}.get(bits, f"{bits}-bit")
 
 
 class PackedStorage(nn.Module):

@@ -62,23 +62,14 @@ from edgecore import data as datasets
 from edgecore import models
 from edgecore.encoding import Batch
 from edgecore.errors import EdgecoreError
-from edgecore.luc.compress import (
-    EMBEDDING_DENSE,
-    POLICY_FILE,
-    Policy,
-    choose_policy,
-    compress_layer,
-    embedding_options,
-    is_compressed_folder,
-    rebuild_meta_buffers,
-    save_compressed,
-)
-from edgecore.luc.pipeline import calibration_batches, profile_candidates
+from edgecore.luc.compress import compress_layer
+from edgecore.luc.config import DEFAULT_KL_TOKENS, FP32_BITS, Candidate
+from edgecore.luc.pipeline import calibration_batches, profile_config
+from edgecore.luc.policy import Policy, choose_policy
 from edgecore.luc.prune import ActivationStats
 from edgecore.luc.quant import dequantize_like
+from edgecore.luc.saved import POLICY_FILE, is_compressed_folder, rebuild_meta_buffers, save_compressed
 from edgecore.luc.sensitivity import (
-    DEFAULT_KL_TOKENS,
-    Candidate,
     Sensitivity,
     SensitivityCache,
     cached_table,
@@ -286,7 +277,7 @@ class DenseFolder:
     def install_table(self, bits: int, group_size: int) -> None:
         """The token table (and an untied head) as `compress_embeddings` stores it, filled block by block."""
         embedding, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
-        if bits == EMBEDDING_DENSE:
+        if bits == FP32_BITS:
             embedding.weight = nn.Parameter(self.weights.read(self.embed_key))
             head.weight = embedding.weight if self.tied else nn.Parameter(self.weights.read(self.head_key))
             return
@@ -417,7 +408,7 @@ def embedding_sensitivity(
     """`compress.embedding_sensitivity`, streamed: per bit-width, the KL of quantizing the table alone
     (input rows and head at once), all bit-widths in one sweep over the layers."""
     transforms = {bits: partial(dequantize_like, bits=bits, group_size=group_size)
-                  for bits in bits_options if bits != EMBEDDING_DENSE}
+                  for bits in bits_options if bits != FP32_BITS}
     streams = {}
     for bits, transform in transforms.items():
         embeds = dense.embed(calib.batches, transform)
@@ -545,10 +536,10 @@ def compress_streamed(
     reset_peak()
     floor = rss_mb()
     started = time.perf_counter()
-    if weight_budget <= 0:
-        raise EdgecoreError(f"weight budget {weight_budget} bytes must be positive")
+    config = profile_config(profile, weight_budget, candidates=candidates, calib_samples=calib_samples,
+                            calib_len=calib_len, group_size=group_size, seed=seed)
+    candidates = list(config.candidates)
     out = _checked_out(Path(out_folder), Path(dense_folder))
-    candidates = _allowed(profile, candidates)
     if isinstance(dataset, str):
         dataset = datasets.load(dataset, seed=seed)
     dense = DenseFolder(dense_folder, group_size)
@@ -567,11 +558,12 @@ def compress_streamed(
     )
     seconds["sensitivity"] = table.seconds
     phase = time.perf_counter()
-    embedding_kl = embedding_sensitivity(dense, calib, embedding_options(profile.weight_bits), group_size)
+    embedding_kl = embedding_sensitivity(dense, calib, config.embedding_bits, group_size)
     seconds["embedding_sensitivity"] = time.perf_counter() - phase
     calib.dense_logprobs = None  # positions x vocabulary: not needed any more
 
-    policy = choose_policy(model_id, dense.shape, table, embedding_kl, weight_budget, profile.name)
+    policy = choose_policy(dense.shape, table.candidates, table.kl, embedding_kl, weight_budget, group_size=group_size,
+                           model=model_id, profile=profile.name)
     phase = time.perf_counter()
     model = compress_model(dense, policy, calib)
     seconds["apply"] = time.perf_counter() - phase
@@ -591,16 +583,6 @@ def _checked_out(out: Path, dense_folder: Path) -> Path:
             f"{out} exists and is not a compressed model folder: choose a new output folder (it would be replaced)"
         )
     return out
-
-
-def _allowed(profile: DeviceProfile, candidates: list[Candidate] | None) -> list[Candidate]:
-    allowed = profile_candidates(profile)
-    if candidates is None:
-        return allowed
-    if not set(candidates) <= set(allowed):
-        wrong = [c.label for c in set(candidates) - set(allowed)]
-        raise EdgecoreError(f"candidates {wrong} are not allowed by device {profile.name}")
-    return list(candidates)
 
 
 def _tokenizer(folder: Path):

@@ -3,7 +3,7 @@
 A small model spends much of its memory on the vocabulary table: SmolLM2-135M's tied
 49152 x 576 embedding is 113 MB in fp32. `QuantizedTable` stores it as one row-major stream,
 like CompressedLinear: packed group-quantized codes with fp16 scale and zero per group (bits
-2/3/4/8), or plain fp16 (bits 16) / fp32 (bits None) values. Groups lie inside one row and
+2/3/4/8), or plain fp16 (bits 16) / fp32 (bits 32) values. Groups lie inside one row and
 every row starts on a whole byte, so any set of rows can be sliced out of the packed stream:
 
 - the embedding (`QuantizedEmbedding`) dequantizes only the rows of the tokens it is given;
@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgecore.errors import EdgecoreError
-from edgecore.luc.storage import PackedStorage, bits_label
-from edgecore.luc.layer import _FLOAT_STORAGE, STORAGE_BITS
+from edgecore.luc.config import FP16_BITS
+from edgecore.luc.storage import FLOAT_DTYPES, STORAGE_BITS, PackedStorage, bits_label
 from edgecore.luc.quant import (
     FP16_MAX,
     QUANT_BITS,
-    _chunk,
+    chunk,
     dequantize,
     packed_nbytes,
     quantize,
@@ -51,7 +51,7 @@ class TableLayout:
 
     rows: int
     dim: int
-    bits: int | None
+    bits: int
     group_size: int = 64
 
     def __post_init__(self):
@@ -66,9 +66,9 @@ class TableLayout:
         if not self.quantized:
             return
         # Row slicing needs each row to be whole groups and whole bytes of the packed stream.
-        per = _chunk(self.bits)[0]
+        per = chunk(self.bits)[0]
         if self.dim % per:
-            fits = [b for b in QUANT_BITS if self.dim % _chunk(b)[0] == 0]
+            fits = [b for b in QUANT_BITS if self.dim % chunk(b)[0] == 0]
             raise EdgecoreError(
                 f"a {self.bits}-bit table packs {per} codes per chunk, which does not divide its dim={self.dim}, "
                 f"so rows would not start on a whole byte: use bits {fits} or 16 instead"
@@ -83,7 +83,7 @@ class TableLayout:
 
     @property
     def quantized(self) -> bool:
-        return self.bits not in _FLOAT_STORAGE
+        return self.bits not in FLOAT_DTYPES
 
     @property
     def row_width(self) -> int:
@@ -97,7 +97,7 @@ class TableLayout:
     def buffers(self) -> dict[str, tuple[tuple[int, ...], torch.dtype] | None]:
         """name -> (shape, dtype) of every buffer; None for a buffer this layout does not hold."""
         if not self.quantized:
-            return {"qweight": ((self.rows * self.dim,), _FLOAT_STORAGE[self.bits]), "scale": None, "zero": None}
+            return {"qweight": ((self.rows * self.dim,), FLOAT_DTYPES[self.bits]), "scale": None, "zero": None}
         groups = ((self.rows * self.groups_per_row,), torch.float16)
         return {"qweight": ((self.rows * self.row_width,), torch.uint8), "scale": groups, "zero": groups}
 
@@ -106,7 +106,7 @@ class TableLayout:
         return sum(math.prod(shape) * dtype.itemsize for shape, dtype in filter(None, self.buffers().values()))
 
 
-def table_nbytes(rows: int, dim: int, bits: int | None, group_size: int = 64) -> int:
+def table_nbytes(rows: int, dim: int, bits: int, group_size: int = 64) -> int:
     """Bytes a QuantizedTable of this configuration holds: the memory cost of a choice."""
     return TableLayout(rows, dim, bits, group_size).nbytes
 
@@ -121,7 +121,7 @@ class QuantizedTable(PackedStorage):
             self.register_buffer(name, None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=device))
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bits: int | None, group_size: int = 64) -> QuantizedTable:
+    def from_weight(cls, weight: torch.Tensor, bits: int, group_size: int = 64) -> QuantizedTable:
         """Compress a materialised [rows, dim] float weight."""
         if weight.dim() != 2 or not weight.is_floating_point() or weight.device.type == "meta":
             raise EdgecoreError(
@@ -145,8 +145,8 @@ class QuantizedTable(PackedStorage):
         stop = start + values.shape[0]
         stream, scale, zero = self._views()
         if not layout.quantized:
-            if layout.bits == 16 and float(values.abs().max()) > FP16_MAX:
-                raise EdgecoreError(f"weights exceed the fp16 range (|w| <= {FP16_MAX}); store them with bits=None")
+            if layout.bits == FP16_BITS and float(values.abs().max()) > FP16_MAX:
+                raise EdgecoreError(f"weights exceed the fp16 range (|w| <= {FP16_MAX}); store them with bits=32")
             stream[start:stop].copy_(values)
             return
         # dim % group_size == 0, so quantize's row-major groups never cross a row.
@@ -308,11 +308,11 @@ def _install(model, table: QuantizedTable, head_table: QuantizedTable | None, em
         model.set_output_embeddings(QuantizedHead(table if tied else head_table, head_dtype, tied=tied))
 
 
-def compress_embeddings(model, bits: int | None, group_size: int = 64) -> None:
+def compress_embeddings(model, bits: int, group_size: int = 64) -> None:
     """Replace a causal LM's input embeddings and LM head by compressed ones, in place.
 
     A tied head (the same weight tensor as the embedding) shares the embedding's table; an
-    untied one gets its own. Compute dtypes stay those of the original weights. bits=None
+    untied one gets its own. Compute dtypes stay those of the original weights. bits=32
     also converts (to fp32 storage), so saved state dicts have the same keys for every choice.
     """
     emb, head = _embeddings(model)
@@ -323,7 +323,7 @@ def compress_embeddings(model, bits: int | None, group_size: int = 64) -> None:
     _install(model, table, head_table, emb.weight.dtype, head_dtype, head is not None)
 
 
-def empty_embeddings(model, bits: int | None, group_size: int = 64, *, tied: bool) -> None:
+def empty_embeddings(model, bits: int, group_size: int = 64, *, tied: bool) -> None:
     """Install zero-filled compressed embeddings of the layouts `compress_embeddings` makes.
 
     The model may live on the meta device; `model.load_state_dict(saved, assign=True)` then

@@ -29,6 +29,7 @@ from torch import nn
 
 from edgecore import lm, models
 from edgecore.errors import EdgecoreError
+from edgecore.luc.config import FP32_BITS
 from edgecore.luc.layer import CompressedLinear
 from edgecore.luc.table import QuantizedHead, QuantizedTable
 from edgecore.measure import machine
@@ -72,7 +73,7 @@ def synthetic_source(fmt: WeightFormat) -> WeightSource:
     linear = nn.Linear(fmt.in_features, fmt.out_features, bias=fmt.bias)
     linear.weight.data = weight
     if not fmt.luc:
-        linear.to({None: torch.float32, 16: torch.bfloat16}[fmt.bits])
+        linear.to({FP32_BITS: torch.float32, 16: torch.bfloat16}[fmt.bits])
         return source_of(linear)
     keep = None
     if fmt.sparse:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from edgecore.errors import EdgecoreError
+from edgecore.luc.config import FP32_BITS
 from edgecore.luc.layer import CompressedLinear, Layout
 from edgecore.luc.quant import QUANT_BITS, unpack
 from edgecore.luc.storage import bits_label
@@ -129,7 +130,7 @@ class TableSource(WeightSource):
 
 class DenseSource(WeightSource):
     def __init__(self, module: nn.Linear):
-        bits = {torch.float32: None, torch.float16: 16, torch.bfloat16: 16}.get(module.weight.dtype)
+        bits = {torch.float32: FP32_BITS, torch.float16: 16, torch.bfloat16: 16}.get(module.weight.dtype)
         super().__init__(module, WeightFormat(module.out_features, module.in_features, bits, module.weight.numel(),
                                               bias=module.bias is not None, luc=False))
 

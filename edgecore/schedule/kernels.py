@@ -20,6 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from edgecore.luc.config import FP32_BITS
 from edgecore.schedule.formats import WeightFormat, WeightSource
 
 FP32, BF16 = 4, 2
@@ -73,7 +74,7 @@ class LucDequant(Kernel):
     def transient_bytes(self, fmt):
         if fmt.table:
             return min(fmt.out_features, self.HEAD_BLOCK_ROWS) * fmt.in_features * FP32
-        if fmt.bits is None and not fmt.sparse:
+        if fmt.bits == FP32_BITS and not fmt.sparse:
             return 0
         # Unpacking holds the codes as floats, the values and the weight at once: measured 10.0 MB
         # for a 4- or 8-bit 1536 x 576 weight (3.4 MB in fp32); fp16 values are only cast.

@@ -29,11 +29,10 @@ import numpy as np
 from edgecore import data, models
 from edgecore.encoding import Encoder
 from edgecore.evaluate import evaluate
-from edgecore.luc import compress as luc
-from edgecore.luc import policy as knapsack
+from edgecore import luc
+from edgecore.luc import Calibration, Candidate, measure, policy_kl
 from edgecore.luc.pipeline import calibration_batches
-from edgecore.luc.sensitivity import Calibration, Candidate, measure, policy_kl
-from edgecore.memory import MIB, ModelShape
+from edgecore.memory import MIB
 from simulations.bench import benchmark, in_fresh_process, target
 
 WORKER = "simulations.bench.luc_worker"
@@ -53,11 +52,8 @@ def _spearman(a, b) -> float:
 
 
 def _policy_for(shape, scores: np.ndarray, budget: int, group_size: int) -> tuple[Candidate, ...]:
-    """The knapsack policy minimising `scores` (layers x GRID) within `budget` stored bytes."""
-    items = [[knapsack.Option(c.label, luc.layer_nbytes(shape, c, group_size), float(scores[l, j]))
-              for j, c in enumerate(GRID)] for l in range(shape.layers)]
-    fixed = luc.embedding_nbytes(shape, EMBEDDING_BITS, group_size) + luc.fixed_nbytes(shape)
-    return tuple(GRID[j] for j in knapsack.solve(items, budget - fixed))
+    """The knapsack policy minimising `scores` (layers x GRID) within `budget` stored bytes, the table at EMBEDDING_BITS."""
+    return luc.choose_policy(shape, GRID, scores, {EMBEDDING_BITS: 0.0}, budget, group_size=group_size).layers
 
 
 def _evaluate(model, tokenizer, shakespeare, bbc, n_lm: int, n_cls: int) -> dict:
@@ -87,7 +83,8 @@ def run(options: dict) -> dict:
     embedding_kl = luc.embedding_sensitivity(calib, [EMBEDDING_BITS], group_size)
 
     uniform = luc.uniform_policy(model_name, shape, REFERENCE, EMBEDDING_BITS, group_size, table, embedding_kl)
-    chosen = luc.choose_policy(model_name, shape, table, embedding_kl, uniform.weight_bytes)
+    chosen = luc.choose_policy(shape, table.candidates, table.kl, embedding_kl, uniform.weight_bytes,
+                               group_size=group_size, model=model_name)
     results = [{"config": "dense", "weights_mb": luc.stored_nbytes(dense) / MIB,
                 **_evaluate(dense, tokenizer, shakespeare, bbc, n_lm, n_cls)}]
     with tempfile.TemporaryDirectory() as tmp:

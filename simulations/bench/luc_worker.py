@@ -16,7 +16,7 @@ import transformers.models.llama.modeling_llama  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 from edgecore import measure
-from edgecore.luc.compress import load_compressed, stored_nbytes
+from edgecore.luc import load_compressed, stored_nbytes
 from edgecore.memory import MIB
 
 

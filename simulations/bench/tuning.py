@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgecore.luc import compress as luc
+from edgecore import luc
 from edgecore.luc.pipeline import compress
-from edgecore.luc.sensitivity import Candidate
 from edgecore import models
 from edgecore.memory import MIB
 from edgecore.profiles import resolve_profile
@@ -33,7 +32,7 @@ from simulations.bench import benchmark, in_fresh_process, target
 
 WORKER = "simulations.bench.tuning_worker"
 PROFILE = "pi4-1gb"
-COMPACT = [Candidate(s, "unstructured", b) for s in (0.0, 0.5) for b in (3, 4, 8)]
+COMPACT = [luc.Candidate(s, "unstructured", b) for s in (0.0, 0.5) for b in (3, 4, 8)]
 
 
 def _say(message: str) -> None:
@@ -50,7 +49,7 @@ def run(options: dict) -> dict:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         _say(f"compressing {options['model']} for {PROFILE}")
-        plan = luc.default_tuning_plan(shape, batch=8, seq_len=128)
+        plan = luc.tuning_reserve_step(shape, batch=8, seq_len=128)
         done = compress(options["model"], profile, "bbc", plan=plan, candidates=COMPACT, progress=False)
         folder = luc.save_compressed(Path(tmp) / "compressed", done.model, done.tokenizer, done.policy)
         compression = {"profile": PROFILE, "weights_mb": done.policy.weight_bytes / MIB, "seconds": done.seconds,
