@@ -29,7 +29,6 @@ which calls `federation.validation`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -38,7 +37,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from edgecore import wire
 from edgecore.errors import EdgecoreError
 from federation.records import from_record, to_metrics, to_record
-from federation.validation import is_number, update_problems
+from federation.validation import (
+    finite_number, flag, nonnegative_list, positive_integer, positive_number, update_problems,
+)
 
 # The records of a message.
 ARRAYS = "arrays"  # ArrayRecord: adapter tensors (edgecore.wire names)
@@ -93,27 +94,6 @@ def _record(content: RecordDict, name: str, kind: type, what: str):
     if name in content:
         raise ProtocolError(f"{what}: record {name!r} is a {type(content[name]).__name__}, expected {kind.__name__}")
     raise ProtocolError(f"{what} lacks its {name!r} record ({kind.__name__})")
-
-
-def _positive_number(value) -> str:
-    return "" if is_number(value) and math.isfinite(value) and value > 0 else "expected a finite number > 0"
-
-
-def _finite_number(value) -> str:
-    return "" if is_number(value) and math.isfinite(value) else "expected a finite number"
-
-
-def _positive_integer(value) -> str:
-    return "" if is_number(value) and float(value).is_integer() and value >= 1 else "expected an integer >= 1"
-
-
-def _flag(value) -> str:
-    return "" if is_number(value) and value in (0, 1) else "expected 0 or 1"
-
-
-def _nonnegative_list(value) -> str:
-    ok = isinstance(value, (list, tuple)) and all(is_number(x) and math.isfinite(x) and x >= 0 for x in value)
-    return "" if ok else "expected a list of finite numbers >= 0"
 
 
 def _checked(values: Mapping, key: str, check: Callable[[object], str], what: str, required: bool = False):
@@ -184,10 +164,10 @@ class TrainInstruction:
         what = "train instruction"
         arrays = from_record(_record(content, ARRAYS, ArrayRecord, what))
         config = _record(content, CONFIG, ConfigRecord, what)
-        server_round = _checked(config, SERVER_ROUND, _positive_integer, f"{what} config", required=True)
-        num_rounds = _checked(config, NUM_ROUNDS, _positive_integer, f"{what} config")
-        weights = _checked(config, EXIT_WEIGHTS, _nonnegative_list, f"{what} config")
-        exit_layer = _checked(config, ASSIGNED_EXIT, _finite_number, f"{what} config")
+        server_round = _checked(config, SERVER_ROUND, positive_integer, f"{what} config", required=True)
+        num_rounds = _checked(config, NUM_ROUNDS, positive_integer, f"{what} config")
+        weights = _checked(config, EXIT_WEIGHTS, nonnegative_list, f"{what} config")
+        exit_layer = _checked(config, ASSIGNED_EXIT, finite_number, f"{what} config")
         return cls(
             arrays=arrays, server_round=int(server_round), num_rounds=int(num_rounds) if num_rounds is not None else None,
             exit_weights=tuple(float(w) for w in weights) if weights else None,
@@ -261,15 +241,15 @@ class TrainReply:
         metric = f"{what} metric"
 
         def vector(key):
-            value = _checked(values, key, _nonnegative_list, metric)
+            value = _checked(values, key, nonnegative_list, metric)
             return None if value is None else tuple(value)
 
-        rank = _checked(values, LORA_RANK, _positive_integer, metric)
-        window = _checked(values, WINDOW, _positive_integer, metric)
-        compressed = _checked(values, COMPRESSED, _flag, metric)
+        rank = _checked(values, LORA_RANK, positive_integer, metric)
+        window = _checked(values, WINDOW, positive_integer, metric)
+        compressed = _checked(values, COMPRESSED, flag, metric)
         return cls(
             arrays=arrays,
-            num_examples=_checked(values, NUM_EXAMPLES, _positive_number, metric, required=True),
+            num_examples=_checked(values, NUM_EXAMPLES, positive_number, metric, required=True),
             device=_device(content, what),
             lora_rank=None if rank is None else int(rank),
             window=None if window is None else int(window),
@@ -315,7 +295,7 @@ class EvaluateInstruction:
         what = "evaluate instruction"
         arrays = from_record(_record(content, ARRAYS, ArrayRecord, what))
         config = _record(content, CONFIG, ConfigRecord, what)
-        return cls(arrays, int(_checked(config, SERVER_ROUND, _positive_integer, f"{what} config", required=True)))
+        return cls(arrays, int(_checked(config, SERVER_ROUND, positive_integer, f"{what} config", required=True)))
 
     @classmethod
     def from_message(cls, message: Message) -> "EvaluateInstruction":
@@ -354,9 +334,9 @@ class EvaluateReply:
         """The reply in `content`, every value checked; ProtocolError names the first bad record or key."""
         what = "evaluate reply"
         values = dict(_record(content, METRICS, MetricRecord, what))
-        accuracy = _checked(values, ACCURACY, _finite_number, f"{what} metric")
+        accuracy = _checked(values, ACCURACY, finite_number, f"{what} metric")
         return cls(
-            num_examples=_checked(values, NUM_EXAMPLES, _positive_number, f"{what} metric", required=True),
+            num_examples=_checked(values, NUM_EXAMPLES, positive_number, f"{what} metric", required=True),
             device=_device(content, what),
             accuracy=None if accuracy is None else float(accuracy),
             report={k: v for k, v in values.items() if k not in cls.KEYS},

@@ -4,7 +4,9 @@
 calls the number checks on its own inputs too, so a value is judged by one rule wherever it
 is read.
 
-- `positive_number`, `nonnegative_vector`: one number or one vector a reply carries;
+- `positive_number`, `positive_integer`, `finite_number`, `flag`, `nonnegative_list`: one value a
+  reply carries ("" when it is fine, else what was expected; federation.protocol names the key);
+- `positive_weight`, `nonnegative_vector`: the same rules for the aggregation's own inputs, raising;
 - `tensors_of_window`: the tensors a client training a window of decoder layers and one exit
   may send;
 - `update_problems`: an update against the global adapter (the tensors it may send, at its
@@ -33,11 +35,33 @@ def is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
 
 
-def positive_number(weight, what: str) -> float:
-    """A finite number > 0 (an update's num_examples, its weight in every average)."""
+def positive_number(value) -> str:
+    """Empty when `value` is a finite number > 0, else what was expected (so for every check below)."""
+    return "" if is_number(value) and math.isfinite(value) and value > 0 else "expected a finite number > 0"
+
+
+def finite_number(value) -> str:
+    return "" if is_number(value) and math.isfinite(value) else "expected a finite number"
+
+
+def positive_integer(value) -> str:
+    return "" if is_number(value) and float(value).is_integer() and value >= 1 else "expected an integer >= 1"
+
+
+def flag(value) -> str:
+    return "" if is_number(value) and value in (0, 1) else "expected 0 or 1"
+
+
+def nonnegative_list(value) -> str:
+    ok = isinstance(value, (list, tuple)) and all(is_number(x) and math.isfinite(x) and x >= 0 for x in value)
+    return "" if ok else "expected a list of finite numbers >= 0"
+
+
+def positive_weight(weight, what: str) -> float:
+    """An update's weight in every average (its num_examples): a finite number > 0, else EdgecoreError."""
     if not is_number(weight):
         raise EdgecoreError(f"{what}: weight {weight!r} is not a number; give its num_examples")
-    if not (math.isfinite(weight) and weight > 0):
+    if positive_number(weight):
         raise EdgecoreError(f"{what}: weight {weight!r} must be a finite number > 0 (its num_examples)")
     return float(weight)
 

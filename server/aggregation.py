@@ -23,7 +23,7 @@ import numpy as np
 from edgecore.errors import EdgecoreError
 from edgecore.experiment import AGGREGATIONS
 from edgecore.wire import rank_axis, rank_slice, with_rank
-from federation.validation import nonnegative_vector, positive_number
+from federation.validation import nonnegative_vector, positive_weight
 
 Arrays = dict[str, np.ndarray]
 
@@ -67,7 +67,7 @@ def partial_average(
     weights: dict[str, np.ndarray] = {}
     contributors = {name: 0 for name in global_arrays}
     for number, (arrays, examples) in enumerate(updates):
-        weight = positive_number(examples, f"update {number}")
+        weight = positive_weight(examples, f"update {number}")
         for name, value in arrays.items():
             if name not in global_arrays:
                 raise EdgecoreError(f"update {number}: tensor {name!r} is not in the global adapter; run update_problems first")
@@ -150,7 +150,7 @@ def _weighted_mean(vectors: Sequence[tuple[Sequence[float], float]], length: int
     """Examples-weighted mean of validated vectors; None when there are none."""
     total, weight_sum = np.zeros(length), 0.0
     for number, (vector, examples) in enumerate(vectors):
-        weight = positive_number(examples, f"{what} {number}")
+        weight = positive_weight(examples, f"{what} {number}")
         total += weight * nonnegative_vector(vector, length, f"{what} {number}", entry)
         weight_sum += weight
     return total / weight_sum if weight_sum else None

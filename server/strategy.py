@@ -183,9 +183,12 @@ class FleetStrategy(FedAvg):
 
     def configure_evaluate(self, server_round, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         """Only clients with a compressed base: a dense base is what the server evaluates itself."""
-        nodes = [m.metadata.dst_node_id for m in super().configure_evaluate(server_round, arrays, config, grid)]
+        sampled = [m.metadata.dst_node_id for m in super().configure_evaluate(server_round, arrays, config, grid)]
+        nodes = [node for node in sampled if self.nodes.get(node, {}).get("compressed", True)]
+        if not nodes:
+            return []
         instruction = EvaluateInstruction(from_record(arrays), server_round)
-        return [instruction.to_message(node) for node in nodes if self.nodes.get(node, {}).get("compressed", True)]
+        return [instruction.to_message(node) for node in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         results = []
