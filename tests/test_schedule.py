@@ -71,9 +71,9 @@ def quantized_head(rows: int = 96, dim: int = 128, bits: int = 4) -> QuantizedHe
 
 
 MODULE_CASES = {
-    **{f"linear-{'fp32' if b is None else f'{b}bit'}-{'pruned' if p else 'dense'}-{'bias' if s else 'nobias'}":
+    **{f"linear-{'fp32' if b == FP32_BITS else f'{b}bit'}-{'pruned' if p else 'dense'}-{'bias' if s else 'nobias'}":
        (lambda b=b, p=p, s=s: compressed_linear(b, p, s))
-       for b in (2, 3, 4, 8, 16, None) for p in (False, True) for s in (False, True)},
+       for b in (2, 3, 4, 8, 16, FP32_BITS) for p in (False, True) for s in (False, True)},
     "head-4bit-table": quantized_head,
     "nn-linear-bias": lambda: make_linear(64, 128, True),
     "nn-linear-nobias": lambda: make_linear(64, 128, False),
