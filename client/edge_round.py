@@ -34,7 +34,7 @@ from edgecore.evaluate import evaluate
 from edgecore.experiment import Experiment
 from edgecore.profiles import DeviceProfile
 from edgecore.tuning import adaptive
-from federation.protocol import COMPRESSED, EvaluateReply, TrainInstruction, TrainReply
+from federation.protocol import BUDGET_MB, COMPRESSED, JOB_PEAK_MB, EvaluateReply, TrainInstruction, TrainReply
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def edge_round(experiment: Experiment, client: ClientData, device: Device, instr
     metrics = {
         **round_metrics(result.report, started, weights_mb, rss_before, arrays, global_arrays, client),
         "estimate-mb": dev.depth.estimate_mb,
-        "budget-mb": device.profile.memory_budget_mb,
+        BUDGET_MB: device.profile.memory_budget_mb,
         "scheduled": int(dev.executor is not None and dev.executor.installed),  # edgecore.schedule's kernels run it
         "plan-checked": int(verdict is not None),
         "plan-measured-s": verdict.plan_s if verdict else 0.0,
@@ -102,7 +102,7 @@ def edge_round(experiment: Experiment, client: ClientData, device: Device, instr
     }
     log.info("round %d partition %d on %s: window %d at exits %s, loss %.3f -> %.3f, job %.0f of %.0f MB",
              server_round, client.partition_id, device.profile.name, dev.depth.layers, sorted(trained_exits),
-             metrics["first-loss"], metrics["train-loss"], metrics["job-peak-mb"], metrics["budget-mb"])
+             metrics["first-loss"], metrics["train-loss"], metrics[JOB_PEAK_MB], metrics[BUDGET_MB])
     return TrainReply(
         arrays=arrays, num_examples=len(samples), device=device.profile.name, lora_rank=dev.lora.r,
         window=dev.depth.layers, compressed=bool(dev.compressed), votes=tuple(result.votes),

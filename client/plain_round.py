@@ -26,7 +26,7 @@ from edgecore.finetune import LoraSettings, add_lora, train
 from edgecore.allocator import HEAP_THRESHOLD_BYTES, limit_heap_fragmentation
 from edgecore.memory import MIB
 from edgecore.tuning.adaptive import stored_weight_bytes
-from federation.protocol import PLAIN_DEVICE, TrainReply
+from federation.protocol import BYTES_DOWN, BYTES_UP, JOB_PEAK_MB, PARTITION_ID, PLAIN_DEVICE, TrainReply
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,11 @@ def round_metrics(report, started: float, weights_mb: float, rss_before: float,
         "round-s": time.perf_counter() - started,
         "peak-rss-mb": report.peak_rss_mb,
         # The job: the stored base plus what training added on top of the process as it was.
-        "job-peak-mb": weights_mb + max(0.0, report.peak_rss_mb - rss_before),
+        JOB_PEAK_MB: weights_mb + max(0.0, report.peak_rss_mb - rss_before),
         "weights-mb": weights_mb,
-        "bytes-up": wire.nbytes(arrays),
-        "bytes-down": wire.nbytes(global_arrays),
-        "partition-id": client.partition_id,
+        BYTES_UP: wire.nbytes(arrays),
+        BYTES_DOWN: wire.nbytes(global_arrays),
+        PARTITION_ID: client.partition_id,
         "torch-threads": torch.get_num_threads(),
     }
 

@@ -63,6 +63,14 @@ IMPORTANCE = "importance"
 LAYER_STEPS = "layer-steps"
 ACCURACY = "accuracy"
 
+# Report keys the server reads (what it sums, and holds against the device's budget); the rest
+# of a report is recorded as it arrives.
+BYTES_UP = "bytes-up"
+BYTES_DOWN = "bytes-down"
+JOB_PEAK_MB = "job-peak-mb"  # the job's measured peak: the stored base plus what training added
+BUDGET_MB = "budget-mb"  # the device's memory budget for the job
+PARTITION_ID = "partition-id"
+
 DEVICE_NAME = "device"  # the key of the device record's one entry: the device profile's name
 PLAIN_DEVICE = "dense (plain)"  # the device a client of the plain pipeline names
 

@@ -23,6 +23,7 @@ from typing import Iterable
 from safetensors.numpy import save_file
 
 from edgecore.errors import EdgecoreError
+from federation.protocol import BUDGET_MB, JOB_PEAK_MB
 
 
 class RunFolder:
@@ -104,8 +105,8 @@ def clients_within_budget(rounds: list[dict], expected_profiles: Iterable[str] =
     """
     share = contribution(rounds)
     table: dict[str, dict] = {}
-    unbudgeted = {c.get("device") for r in share["per_round"].values() for c in r["clients"] if "budget-mb" not in c}
-    devices = [*expected_profiles, *(c["device"] for r in share["per_round"].values() for c in r["clients"] if "budget-mb" in c),
+    unbudgeted = {c.get("device") for r in share["per_round"].values() for c in r["clients"] if BUDGET_MB not in c}
+    devices = [*expected_profiles, *(c["device"] for r in share["per_round"].values() for c in r["clients"] if BUDGET_MB in c),
                *(m["device"] for m in share["missing"] if m["device"] and m["device"] not in unbudgeted)]
     for device in dict.fromkeys(devices):
         row = table[device] = {"budget_mb": None, "max_job_peak_mb": None, "contributed_rounds": 0,
@@ -113,8 +114,8 @@ def clients_within_budget(rounds: list[dict], expected_profiles: Iterable[str] =
         for number, r in share["per_round"].items():
             mine = [c for c in r["clients"] if c.get("device") == device]
             for c in mine:
-                peak = _field(c, "job-peak-mb", f"round {number}, node {c.get('node_id')}")
-                row["budget_mb"] = _field(c, "budget-mb", f"round {number}, node {c.get('node_id')}")
+                peak = _field(c, JOB_PEAK_MB, f"round {number}, node {c.get('node_id')}")
+                row["budget_mb"] = _field(c, BUDGET_MB, f"round {number}, node {c.get('node_id')}")
                 row["max_job_peak_mb"] = max(row["max_job_peak_mb"] or 0.0, peak)
             row["contributed_rounds"] += bool(mine)
             if not mine or any(m["device"] == device for m in r["missing"]):
@@ -152,7 +153,7 @@ class RoundPrinter:
                       f"{m['reason']}", flush=True)
             on_device = {d["device"]: d.get("accuracy") for d in r.get("devices", [])}
             for c in r["clients"]:
-                if "budget-mb" not in c:
+                if BUDGET_MB not in c:
                     continue
                 accuracy = on_device.get(c["device"])
                 print(f"  {c['device']:>22}: {'LUC' if c['compressed'] else 'dense'} {c['weights-mb']:.0f} MB, window "

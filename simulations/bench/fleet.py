@@ -24,6 +24,7 @@ from pathlib import Path
 
 from edgecore.experiment import Experiment
 from edgecore.fleet import Fleet
+from federation.protocol import BUDGET_MB, PARTITION_ID
 from server import run_config
 from server.run_folder import clients_within_budget, contribution
 from simulations.bench import benchmark, target
@@ -48,9 +49,9 @@ def _run(name: str, experiment: Experiment, fleet: Fleet) -> tuple[dict, list[di
     summary = json.loads((folder / "summary.json").read_text())
     for r in rounds:  # the plain path knows no device: its clients are matched to their partition's slot
         for c in r["clients"]:
-            device = fleet.client(int(c["partition-id"])).device
+            device = fleet.client(int(c[PARTITION_ID])).device
             c["device"] = device.name
-            c.setdefault("budget-mb", device.memory_budget_mb)
+            c.setdefault(BUDGET_MB, device.memory_budget_mb)
     share = contribution(rounds, expected=clients)
     row = {
         "config": name,
