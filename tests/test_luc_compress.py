@@ -179,7 +179,7 @@ def test_compress_verb_on_a_held_model_is_search_then_apply(measured):
     assert (policy.layers, policy.embedding_bits, policy.weight_bytes) == (expected.layers, expected.embedding_bits, expected.weight_bytes)
     assert policy.profile == "test" and np.allclose(policy.sensitivity, expected.sensitivity, rtol=1e-6)
     assert luc.stored_nbytes(compressed) == policy.weight_bytes <= budget
-    with pytest.raises(EdgecoreError, match="not among the allowed"):
+    with pytest.raises(EdgecoreError, match=r"candidates \['25% / 4b'\] are not allowed by this config"):
         config.allowing([Candidate(0.25, "unstructured", 4)])
     with pytest.raises(EdgecoreError, match="must be positive"):
         luc.LucConfig(tuple(GRID), (8,), 0)

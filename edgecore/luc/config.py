@@ -138,8 +138,10 @@ class LucConfig:
     """One LUC compression: the choices every layer may take, their pricing, the budget and the calibration.
 
     `embedding_bits`: bit-widths the token table (and tied head) may take, FP32_BITS keeping it.
-    `weight_budget_bytes`: what the stored weights may take (edgecore.luc.budget derives it from a
-    device profile and the tuning step it must leave room for).
+    `weight_budget_bytes`: what the stored weights may take (edgecore.luc.pipeline.weight_budget_bytes
+    derives it from a device profile less the tuning step of edgecore.luc.budget).
+    `kl_tokens`: calibration positions the KL is taken at (when compress_ runs the calibration pass);
+    `calib_samples`, `calib_len`, `seed`: how the name-based wrappers draw calibration batches from a dataset.
     """
 
     candidates: tuple[Candidate, ...]
@@ -164,13 +166,14 @@ class LucConfig:
         # group_size, the calibration sizes and kl_tokens are checked where they are used
         # (Layout, calibration_samples, kl_positions), with the same messages for every caller.
 
-    def allowing(self, candidates: Sequence[Candidate] | None) -> LucConfig:
-        """This config narrowed to `candidates` (a subset of its own, e.g. to measure faster); None: unchanged."""
+    def allowing(self, candidates: Sequence[Candidate] | None, by: str = "this config") -> LucConfig:
+        """This config narrowed to `candidates` (a subset of its own, e.g. to measure faster); None: unchanged.
+        `by` names who allows its candidates, for the error (e.g. "device pi-zero-2w")."""
         if candidates is None:
             return self
-        wrong = [c.label for c in candidates if c not in self.candidates]
+        wrong = sorted({c.label for c in candidates if c not in self.candidates})
         if wrong:
-            raise EdgecoreError(f"candidates {wrong} are not among the allowed {[c.label for c in self.candidates]}")
+            raise EdgecoreError(f"candidates {wrong} are not allowed by {by}")
         return LucConfig(tuple(candidates), self.embedding_bits, self.weight_budget_bytes, self.group_size,
                          self.calib_samples, self.calib_len, self.kl_tokens, self.seed)
 

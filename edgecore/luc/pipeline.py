@@ -90,11 +90,7 @@ def profile_config(profile: DeviceProfile, weight_budget: int, *, candidates: li
     `candidates`, which must be among them) and its bit-widths for the table."""
     config = LucConfig(tuple(profile.candidates()), tuple(profile.weight_bits), weight_budget, group_size,
                        calib_samples, calib_len, seed=seed)
-    try:
-        return config.allowing(candidates)
-    except EdgecoreError:
-        wrong = [c.label for c in set(candidates) - set(config.candidates)]
-        raise EdgecoreError(f"candidates {wrong} are not allowed by device {profile.name}") from None
+    return config.allowing(candidates, by=f"device {profile.name}")
 
 
 @dataclass
