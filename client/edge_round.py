@@ -73,7 +73,8 @@ def edge_round(experiment: Experiment, client: ClientData, device: Device, instr
     result = adaptive.tune(
         dev.model, dev.exits, dev.depth, encoder, list(samples), validation,
         replace(experiment.train_settings(server_round), precision=dev.compute_precision),
-        exit_weights=instruction.exit_weights, assigned_exit=instruction.assigned_exit, progress=False, on_step=check,
+        replace(dev.tuning, exit_weights=instruction.exit_weights, assigned_exit=instruction.assigned_exit),
+        progress=False, on_step=check,
     )
     verdict = check.finish() if check else None
     trained_layers = {layer for layer, steps in enumerate(result.layer_steps) if steps}

@@ -182,8 +182,8 @@ def _finetune_adaptive(args, model, encoder, dataset, train_samples, held_out, s
     print(f"adaptive: exits after layers {list(exits.layers)}, window {depth.layers} layers "
           f"(estimated {depth.estimate_mb:.0f} MB, {budget})")
     validation = dataset.validation[: args.eval_samples or len(dataset.validation)]
-    result = adaptive.tune(model, exits, depth, encoder, train_samples, validation, settings,
-                           exit_lr_scale=adaptive_settings.exit_lr_scale, progress=not args.quiet, on_step=record)
+    result = adaptive.tune(model, exits, depth, encoder, train_samples, validation, settings, adaptive_settings,
+                           progress=not args.quiet, on_step=record)
     report = result.report
     print(f"trained {len(report.steps)} steps in {report.train_s:.1f} s: {report.mean_step_s:.2f} s/step, "
           f"loss {report.steps[0].loss:.3f} -> {report.final_loss:.3f}, peak RSS {report.peak_rss_mb:.0f} MB")

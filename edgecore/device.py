@@ -126,6 +126,7 @@ class DeviceModel:
     executor: object | None = None  # the installed edgecore.schedule.Executor
     store: StoredBase | None = None  # where the compressed base lives on disk
     uses: int = 0  # rounds this process has served with it (simulation workers keep it across rounds)
+    tuning: adaptive.AdaptiveSettings = adaptive.AdaptiveSettings()  # what sized its exits and window
 
     @property
     def profile(self) -> DeviceProfile:
@@ -173,8 +174,7 @@ def host_precision(precision: str, requested: str = "auto") -> str:
 
 def step_plan(spec: DeviceSpec, precision: str) -> StepPlan:
     """The training step the device plans for (window unset: the whole depth)."""
-    return StepPlan(batch=spec.batch_size, seq_len=spec.seq_len, lora_r=spec.lora.r, lora_targets=tuple(spec.lora.targets),
-                    lora_dropout=spec.lora.dropout, precision=precision, allocator="returning")
+    return StepPlan.from_settings(spec, spec.lora, precision=precision, allocator="returning")
 
 
 def one_layer_step(shape: ModelShape, plan: StepPlan) -> StepPlan:
@@ -243,10 +243,10 @@ def prepare(spec: DeviceSpec, store: DeviceStore | None = None) -> DeviceModel:
     limit_heap_fragmentation(HEAP_THRESHOLD_BYTES)  # after compression, which it would slow down
     model = add_lora(base, spec.lora)
     train_settings = _train_settings(spec, precision)
-    exits, depth = adaptive.prepare(model, adaptive.AdaptiveSettings(exits=spec.exits, exit_rank=spec.lora.r,
-                                                                     budget_mb=budget_mb), train_settings, spec.lora)
+    tuning = adaptive.AdaptiveSettings(exits=spec.exits, exit_rank=spec.lora.r, budget_mb=budget_mb)
+    exits, depth = adaptive.prepare(model, tuning, train_settings, spec.lora)
     dev = DeviceModel(spec, model, tokenizer, exits, depth, precision, compute, compressed, 0.0, from_disk,
-                      summary, build, store=stored)
+                      summary, build, store=stored, tuning=tuning)
     if compressed and spec.schedule:
         _install_plan(dev, replace(plan, weight_bytes=adaptive.stored_weight_bytes(model), packed_weights=True))
     dev.prepare_s = time.perf_counter() - started

@@ -18,11 +18,10 @@ PACKAGES = ("edgecore", "federation", "client", "server", "simulations")
 # module exactly wins over a pattern.
 LAYERS = [
     ("errors", ["edgecore", "edgecore.errors"]),
-    ("foundations", ["edgecore.memory", "edgecore.allocator", "edgecore.measure", "edgecore.data", "edgecore.data.*",
-                     "edgecore.profiles", "edgecore.fleet",
-                     "edgecore.luc.config"]),  # the Candidate vocabulary profiles speak (imports only errors)
+    ("foundations", ["edgecore.memory", "edgecore.allocator", "edgecore.measure", "edgecore.data", "edgecore.data.*"]),
     ("tensors", ["edgecore.encoding", "edgecore.lm", "edgecore.wire"]),
     ("compression", ["edgecore.luc", "edgecore.luc.*"]),  # the verb on a model you hold, and its parts
+    ("device profiles", ["edgecore.profiles", "edgecore.fleet"]),  # profiles speak LUC's Candidates
     ("training", ["edgecore.models", "edgecore.finetune", "edgecore.evaluate", "edgecore.experiment",
                   "edgecore.tuning", "edgecore.tuning.*"]),
     ("compression by name", ["edgecore.luc.pipeline", "edgecore.luc.streamed"]),  # LUC on a model named, loaded from disk
@@ -77,6 +76,11 @@ def _imports(module: str, path: Path) -> list[tuple[str, int, bool]]:
                 if name.split(".")[0] in PACKAGES:
                     while name not in MODULES and "." in name:
                         name = name.rsplit(".", 1)[0]
+                    # Importing a.b.c runs a/b/__init__.py first: the package is imported too.
+                    parts = name.split(".")
+                    for package in (".".join(parts[:k]) for k in range(2, len(parts))):
+                        if package in MODULES and package != module and not module.startswith(package + "."):
+                            found.append((package, child.lineno, in_function))
                     found.append((name, child.lineno, in_function))
             visit(child, nested)
 

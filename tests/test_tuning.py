@@ -169,3 +169,22 @@ def test_adaptive_tuning_learns_votes_and_round_trips(tmp_path):
     assert lora_factors(loaded).keys() == lora_factors(peft_model).keys()
     for layer, factors in lora_factors(loaded).items():
         assert delta_distance(factors, lora_factors(peft_model)[layer]) < 1e-6
+
+
+def test_tune_reads_the_whole_adaptive_settings():
+    """The assigned exit and the exit learning-rate scale reach training through AdaptiveSettings."""
+    torch.manual_seed(0)
+    model, _tokenizer, dataset, encoder, _batch = _setup()
+    peft_model = add_lora(model, LORA)
+    settings = TrainSettings(steps=3, batch_size=4, seq_len=48, lr=5e-3, warmup_steps=0, precision="fp32")
+    exits, depth = adaptive.prepare(peft_model, adaptive.AdaptiveSettings(window=1), settings, LORA)
+    assigned = exits.layers[1]
+    before = {k: v.clone() for k, v in exits.state().items()}
+    frozen_exits = adaptive.AdaptiveSettings(window=1, assigned_exit=assigned, exit_lr_scale=0.0)
+    result = adaptive.tune(peft_model, exits, depth, encoder, dataset.train, [], settings, frozen_exits, progress=False)
+    assert {h["exit"] for h in result.history} == {assigned}
+    assert all(torch.equal(before[k], v) for k, v in exits.state().items())  # a zero rate: exit adapters stay
+    moving = adaptive.tune(peft_model, exits, depth, encoder, dataset.train, [], settings,
+                           adaptive.AdaptiveSettings(window=1, assigned_exit=assigned), progress=False)
+    assert {h["exit"] for h in moving.history} == {assigned}
+    assert any(not torch.equal(before[k], v) for k, v in exits.state().items())

@@ -41,6 +41,7 @@ class AdaptiveSettings:
     window: int | None = None  # fixed window depth; None: the deepest that fits budget_mb
     budget_mb: float | None = None  # the tuning job's memory above the runtime floor; None: no limit
     exit_weights: tuple[float, ...] | None = None  # global exit weights (from the server); None: uniform
+    assigned_exit: int | None = None  # train every step at this exit (the server's assignment); None: draw by the weights
     # Exit adapters' learning rate over the LoRA rate. 10x lowered one early exit's loss in a
     # probe (SmolLM2, exit 14, 12 steps: 10.5 -> 2.6) but cut the benchmark's last-exit test
     # accuracy (64% -> 34%), so the default stays 1.
@@ -105,16 +106,19 @@ def tune(
     train_samples: Sequence[Sample],
     validation: Sequence[Sample],
     settings: TrainSettings,
+    adaptive: AdaptiveSettings = AdaptiveSettings(),
     *,
-    exit_weights: Sequence[float] | None = None,
-    exit_lr_scale: float = 1.0,
-    assigned_exit: int | None = None,
     progress: bool = True,
     on_step=None,
 ) -> AdaptiveResult:
-    """Train windows at adaptively chosen exits (or every step at `assigned_exit`, when the
-    server assigned one) for settings.steps steps, then vote on `validation`."""
+    """Train windows at adaptively chosen exits (or every step at `adaptive.assigned_exit`, when
+    the server assigned one) for settings.steps steps, then vote on `validation`.
+
+    `adaptive` is the same settings object `prepare` sized the exits and window with; here its
+    exit weights, assigned exit and exit learning-rate scale apply.
+    """
     before = lora_factors(model)
+    exit_weights, assigned_exit = adaptive.exit_weights, adaptive.assigned_exit
     if assigned_exit is None and exit_weights is None and validation:
         # No global weights yet: this client's own votes, before training, stand in for them, so
         # steps go to exits that can already read the task rather than to exits at chance.
@@ -126,7 +130,7 @@ def tune(
     trainer = WindowTrainer(model, exits, depth.layers, chooser)
     exits.train()
     report = train(model, encoder, train_samples, settings, progress=progress, on_step=on_step,
-                   step_loss=trainer, extra_params=list(exits.parameters()), extra_lr_scale=exit_lr_scale)
+                   step_loss=trainer, extra_params=list(exits.parameters()), extra_lr_scale=adaptive.exit_lr_scale)
     exits.eval()
     layers = len(lm.causal_lm(model).model.layers)
     result = AdaptiveResult(report, depth, trainer.history, trainer.layer_steps(layers))
