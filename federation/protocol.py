@@ -135,6 +135,14 @@ def _device(content: RecordDict, what: str) -> str:
     return name
 
 
+def _reply_records(device: str, metrics: dict, records: dict | None = None) -> RecordDict:
+    """A reply's records: `records`, its metrics and, when it names one, its device."""
+    content = {**(records or {}), METRICS: to_metrics(metrics)}
+    if device:
+        content[DEVICE] = ConfigRecord({DEVICE_NAME: device})
+    return RecordDict(content)
+
+
 def _without(report: Report, keys: tuple[str, ...], what: str) -> None:
     clash = sorted(set(report) & set(keys))
     if clash:
@@ -235,10 +243,7 @@ class TrainReply:
         return values
 
     def to_records(self) -> RecordDict:
-        content = {ARRAYS: to_record(self.arrays), METRICS: to_metrics(self.metrics())}
-        if self.device:
-            content[DEVICE] = ConfigRecord({DEVICE_NAME: self.device})
-        return RecordDict(content)
+        return _reply_records(self.device, self.metrics(), {ARRAYS: to_record(self.arrays)})
 
     @classmethod
     def parse(cls, content: RecordDict) -> "TrainReply":
@@ -332,10 +337,7 @@ class EvaluateReply:
         return values
 
     def to_records(self) -> RecordDict:
-        content = {METRICS: to_metrics(self.metrics())}
-        if self.device:
-            content[DEVICE] = ConfigRecord({DEVICE_NAME: self.device})
-        return RecordDict(content)
+        return _reply_records(self.device, self.metrics())
 
     @classmethod
     def parse(cls, content: RecordDict) -> "EvaluateReply":

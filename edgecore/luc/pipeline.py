@@ -28,10 +28,10 @@ from edgecore import models
 from edgecore.encoding import Batch, Encoder, collate
 from edgecore.errors import EdgecoreError
 from edgecore.luc.budget import tuning_reserve_bytes, tuning_reserve_step
-from edgecore.luc.compress import apply_policy, search
+from edgecore.luc.compress import Search, apply_policy, search
 from edgecore.luc.config import DEFAULT_GROUP_SIZE, UNSTRUCTURED, Candidate, LucConfig
 from edgecore.luc.policy import Policy
-from edgecore.luc.sensitivity import Calibration, Sensitivity, SensitivityCache
+from edgecore.luc.sensitivity import SensitivityCache
 from edgecore.memory import MIB, ModelShape, StepPlan
 from edgecore.profiles import DeviceProfile
 
@@ -95,14 +95,20 @@ def profile_config(profile: DeviceProfile, weight_budget: int, *, candidates: li
 
 @dataclass
 class CompressResult:
+    """The compressed model and what the search behind it measured and chose."""
+
     model: object
     tokenizer: object
-    policy: Policy
-    sensitivity: Sensitivity
-    embedding_kl: dict[int, float]
-    calibration: Calibration
-    from_cache: bool
-    seconds: dict[str, float] = field(default_factory=dict)
+    search: Search
+    seconds: dict[str, float] = field(default_factory=dict)  # load, the search's phases, apply
+
+    @property
+    def policy(self) -> Policy:
+        return self.search.policy
+
+    @property
+    def from_cache(self) -> bool:
+        return self.search.from_cache
 
 
 # The "quick" grid: 8 or 4 bits unpruned, or half pruned at 4 bits (the pi-zero-2w profile's
@@ -161,8 +167,7 @@ def compress(
     started = time.perf_counter()
     apply_policy(model, found.policy, found.calibration)
     seconds = {"load": load_s, **found.seconds, "apply": time.perf_counter() - started}
-    return CompressResult(model, tokenizer, found.policy, found.sensitivity, found.embedding_kl, found.calibration,
-                          found.from_cache, seconds)
+    return CompressResult(model, tokenizer, found, seconds)
 
 
 def default_out(model_name: str, profile: DeviceProfile) -> Path:
