@@ -161,7 +161,7 @@ def load(
         model, tokenizer = _tiny(TINY_MODELS[name_or_path], dtype, seed)
     else:
         model, tokenizer = _load_local(Path(name_or_path), dtype)
-    _check_contract(model, name_or_path)
+    check_contract(model, name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
@@ -180,7 +180,8 @@ def shape(name_or_path: str) -> ModelShape:
     return ModelShape.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
 
 
-def _check_contract(model: PreTrainedModel, source: str) -> None:
+def check_contract(model: PreTrainedModel, source: str) -> None:
+    """Raise EdgecoreError naming `source` unless the model keeps its decoder layers in model.model.layers."""
     decoder = getattr(model, "model", None)
     if not hasattr(decoder, "layers"):
         raise EdgecoreError(

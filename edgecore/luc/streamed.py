@@ -192,7 +192,7 @@ class DenseFolder:
                 self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         except (OSError, ValueError, KeyError) as err:
             raise EdgecoreError(f"cannot build the model of {folder / 'config.json'}: {err}") from None
-        models._check_contract(self.model, str(folder))
+        models.check_contract(self.model, str(folder))
         rebuild_meta_buffers(self.model, self.config)  # RoPE's frequencies, which no checkpoint holds
         self.decoder = self.model.get_decoder()
         self.layers = list(self.decoder.layers)
