@@ -22,6 +22,21 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 # an estimate of 773 MB: glibc's default 1296 MB at 2.78 s a step; 1 MiB 854 MB at 3.66 s;
 # 64 KiB 741 MB at 4.88 s.
 HEAP_THRESHOLD_BYTES = 1 << 20
+# Below it: a step whose activations are smaller than 1 MiB (a tiny model, a short batch) would
+# keep every one of them on the heap, where they fragment. Measured on tiny-5m (batch 2 x 160, 320
+# KiB activations, a one-layer window, 3 fresh processes each): job peak 41-43 MB at 1 MiB,
+# climbing 30 -> 35 MB between steps; 13-34 MB at 64 KiB, flat between steps.
+SMALL_HEAP_THRESHOLD_BYTES = 64 * 1024
+
+
+def job_heap_threshold(tokens: int, hidden: int) -> int:
+    """The mmap threshold for a tuning job whose batch holds `tokens` tokens of width `hidden`.
+
+    HEAP_THRESHOLD_BYTES where one fp32 activation (tokens x hidden) reaches it, so that freed
+    activations go back to the OS as the estimator's "returning" allocator assumes; the small
+    threshold where they would all stay below it.
+    """
+    return HEAP_THRESHOLD_BYTES if 4 * tokens * hidden >= HEAP_THRESHOLD_BYTES else SMALL_HEAP_THRESHOLD_BYTES
 
 
 def limit_heap_fragmentation(threshold_bytes: int = 64 * 1024) -> bool:

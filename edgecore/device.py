@@ -48,7 +48,7 @@ from edgecore.finetune import LoraSettings, TrainSettings, add_lora
 from edgecore import luc
 from edgecore.luc import pipeline
 from edgecore.luc.streamed import compress_streamed
-from edgecore.allocator import HEAP_THRESHOLD_BYTES, limit_heap_fragmentation
+from edgecore.allocator import job_heap_threshold, limit_heap_fragmentation
 from edgecore.memory import MIB, ModelShape, StepPlan, estimate_step
 from edgecore.profiles import DeviceProfile
 from edgecore.schedule.costs import CostTable, model_key
@@ -240,7 +240,8 @@ def prepare(spec: DeviceSpec, store: DeviceStore | None = None) -> DeviceModel:
                                            lambda out: _compress(spec, shape, plan, dataset, out))
             base, tokenizer, policy = luc.load_compressed(stored.folder, owned=True)
             compressed, summary, build = True, policy_summary(policy), stored.build
-    limit_heap_fragmentation(HEAP_THRESHOLD_BYTES)  # after compression, which it would slow down
+    # After compression, which it would slow down.
+    limit_heap_fragmentation(job_heap_threshold(spec.batch_size * spec.seq_len, base.config.hidden_size))
     model = add_lora(base, spec.lora)
     train_settings = _train_settings(spec, precision)
     tuning = adaptive.AdaptiveSettings(exits=spec.exits, exit_rank=spec.lora.r, budget_mb=budget_mb)

@@ -8,6 +8,7 @@ import torch
 
 from conftest import needs_bbc
 from edgecore import measure
+from edgecore.allocator import HEAP_THRESHOLD_BYTES, SMALL_HEAP_THRESHOLD_BYTES, job_heap_threshold
 from edgecore.device import DeviceSpec, check_compressed_base, plan_precision, prepare, step_plan
 from edgecore.device_store import MANIFEST, DeviceStore
 from edgecore.errors import EdgecoreError
@@ -113,3 +114,10 @@ def test_a_base_compressed_elsewhere_is_checked_against_the_device(tmp_path):
 def test_a_folder_that_is_not_a_compressed_base_is_refused_with_the_fix(tmp_path):
     with pytest.raises(EdgecoreError, match="policy.json not found"):
         check_compressed_base(tmp_path, board())
+
+
+def test_a_job_returns_freed_activations_to_the_os_whatever_their_size():
+    """The estimator's "returning" allocator holds only where the mmap threshold sits below the step's activations."""
+    assert job_heap_threshold(4 * 128, 576) == HEAP_THRESHOLD_BYTES  # SmolLM2 at the demo's batch: 1.18 MB
+    assert job_heap_threshold(2 * 160, 256) == SMALL_HEAP_THRESHOLD_BYTES  # tiny-5m: 320 KiB activations
+    assert SMALL_HEAP_THRESHOLD_BYTES < 4 * 2 * 160 * 256 < HEAP_THRESHOLD_BYTES
