@@ -83,7 +83,7 @@ from edgecore.luc.sensitivity import (
 )
 from edgecore.luc.table import empty_embeddings
 from edgecore.measure import peak_rss_mb, reset_peak, rss_mb
-from edgecore.allocator import limit_heap_fragmentation
+from edgecore.allocator import SMALL_HEAP_THRESHOLD_BYTES, limit_heap_fragmentation
 from edgecore.memory import MIB, ModelShape
 from edgecore.profiles import DeviceProfile
 
@@ -95,7 +95,7 @@ TABLE_BLOCK_ROWS = 1024  # token-table rows read at once: 2.25 MiB for SmolLM2
 # layers of 6 MiB in tensors of 0.2 to 1.5 MiB; tests/test_luc_streamed.py): glibc's default 174-183 MiB,
 # more than the dense model; a 1 MiB threshold 76-102 MiB; 64 KiB 54 MiB. SmolLM2 (as in the module
 # docstring): glibc's default 371 MiB in 45 s, 64 KiB 129 MiB in 86 s (page faults on fresh mappings).
-HEAP_THRESHOLD_BYTES = 64 * 1024
+# So compression runs with allocator.SMALL_HEAP_THRESHOLD_BYTES (64 KiB).
 
 Transform = Callable[[torch.Tensor], torch.Tensor]  # rows of the fp32 table -> the values a compressed copy holds
 
@@ -529,10 +529,10 @@ def compress_streamed(
 
     `limit_heap` first makes glibc return every freed block over 64 KiB to the OS, for the rest of
     the process or until the threshold is set again (a device sets 1 MiB for tuning): otherwise the
-    peak is not bounded by one layer (see HEAP_THRESHOLD_BYTES).
+    peak is not bounded by one layer (see SMALL_HEAP_THRESHOLD_BYTES above).
     """
     if limit_heap:
-        limit_heap_fragmentation(HEAP_THRESHOLD_BYTES)
+        limit_heap_fragmentation(SMALL_HEAP_THRESHOLD_BYTES)
     reset_peak()
     floor = rss_mb()
     started = time.perf_counter()
