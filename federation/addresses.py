@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
+from pathlib import Path
 
 from edgecore.errors import EdgecoreError
+from federation import credentials
 
 
 def parse_address(text: str, flag: str) -> tuple[str, int]:
@@ -27,13 +30,22 @@ def parse_port(text: str | int, flag: str) -> int:
     return port
 
 
-def wait_reachable(host: str, port: int, tries: int, wait_s: float = 2.0) -> None:
-    """Open a TCP connection to host:port, retrying a bounded number of times."""
+def wait_reachable(host: str, port: int, tries: int, wait_s: float = 2.0, root_certificates: Path | None = None) -> None:
+    """Open a TCP connection to host:port, retrying a bounded number of times.
+
+    With root_certificates, also complete a TLS handshake that checks the server's certificate
+    against that CA and host, so a wrong CA, a certificate for another name or a server without
+    TLS fails here in a second with the fix, not after the SuperNode's retries.
+    """
     last = None
     for attempt in range(max(tries, 1)):
         try:
-            with socket.create_connection((host, port), timeout=3):
+            with socket.create_connection((host, port), timeout=3) as sock:
+                if root_certificates:
+                    _handshake(sock, host, port, root_certificates)
                 return
+        except ssl.SSLError as err:
+            raise _tls_refusal(host, port, root_certificates, err) from None
         except OSError as err:
             last = err
             if attempt + 1 < tries:
@@ -42,3 +54,20 @@ def wait_reachable(host: str, port: int, tries: int, wait_s: float = 2.0) -> Non
         f"cannot reach the server at {host}:{port} after {tries} tries ({last}); "
         "is `python -m server` running there, is the port open in its firewall, and is the address right?"
     )
+
+
+def _handshake(sock: socket.socket, host: str, port: int, root_certificates: Path) -> None:
+    with credentials.tls_context(root_certificates).wrap_socket(sock, server_hostname=host):
+        pass
+
+
+def _tls_refusal(host: str, port: int, ca: Path, err: ssl.SSLError) -> EdgecoreError:
+    if isinstance(err, ssl.SSLCertVerificationError) and "match" in str(err.verify_message or err).lower():
+        return EdgecoreError(f"the server's certificate is not valid for {host!r} ({err.verify_message}); connect with "
+                             "a name or address its certificate holds, or ask the operator to make it with "
+                             f"`python -m server certs --host {host} ...`")
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return EdgecoreError(f"the server at {host}:{port} presents a certificate that --root-certificates {ca} does "
+                             f"not trust ({err.verify_message}); ask the operator for this server's ca.crt")
+    return EdgecoreError(f"no TLS handshake with {host}:{port} ({err.reason or err}); the server may run without TLS "
+                         "(--insecure): then drop --root-certificates and --auth-key, or ask the operator to use --certificates")

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgecore.errors import EdgecoreError
+from federation import credentials
 
 BIN = Path(sys.executable).parent
 
@@ -49,25 +51,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_connection(flwr_home: Path, name: str, address: str) -> None:
-    """A named SuperLink connection in FLWR_HOME/config.toml (never in pyproject.toml)."""
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
+    """A named SuperLink connection in FLWR_HOME/config.toml (never in pyproject.toml): TLS when given a CA."""
     flwr_home.mkdir(parents=True, exist_ok=True)
+    # json.dumps quotes a path the way a TOML basic string needs it (backslashes, quotes).
+    transport = (f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}" if root_certificates
+                 else "insecure = true")
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{transport}\n'
     )
 
 
-def wait_healthy(address: str, process: subprocess.Popen, timeout_s: float, log_file: Path) -> None:
-    """Poll the SuperLink's /health until it answers; fail fast if the process died."""
+def wait_healthy(address: str, process: subprocess.Popen, timeout_s: float, log_file: Path,
+                 root_certificates: Path | None = None) -> None:
+    """Poll the SuperLink's /health until it answers; fail fast if the process died.
+
+    Under TLS the SuperLink's one uvicorn port serves /health over HTTPS only (plain HTTP on it
+    is reset), so the poll speaks HTTPS and trusts only the SuperLink's own CA.
+    """
+    scheme, context = ("https", credentials.tls_context(root_certificates)) if root_certificates else ("http", None)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise EdgecoreError(f"the SuperLink exited with code {process.returncode}; see {log_file}")
         try:
-            with urllib.request.urlopen(f"http://{address}/health", timeout=1) as response:
+            with urllib.request.urlopen(f"{scheme}://{address}/health", timeout=1, context=context) as response:
                 if response.status == 200:
                     return
-        except OSError:
+        except OSError as err:
+            if isinstance(getattr(err, "reason", err), ssl.SSLCertVerificationError):
+                raise EdgecoreError(f"the SuperLink at {address} presents a certificate {root_certificates} does not "
+                                    f"accept ({getattr(err, 'reason', err)}); use the ca.crt written with its server.pem") from None
             time.sleep(0.3)
     raise EdgecoreError(f"the SuperLink at {address} did not become healthy within {timeout_s:.0f} s; see {log_file}")
 
@@ -172,3 +186,26 @@ def await_completion(
         logs = flwr(["log", str(run_id), connection, "--show"], env).stdout
         raise EdgecoreError(f"run {run_id} ended as {status}; the end of its log:\n{logs[-4000:]}")
     return status
+
+
+def register_devices(keys: list[credentials.DeviceKey], connection: str, env: dict[str, str], folder: Path) -> list[int]:
+    """Register each device key with the SuperLink (`flwr supernode register`); returns the node ids.
+
+    flwr reads a key from a file, so each key is written to its own .pub in folder first.
+    `--format json` exits 0 even when the SuperLink refuses, so success is read from the JSON.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    node_ids = []
+    for number, key in enumerate(keys):
+        key_file = folder / f"device-{number}.pub"
+        key_file.write_text(key.text + "\n")
+        done = flwr(["supernode", "register", str(key_file), connection, "--format", "json"], env)
+        try:
+            reply = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            reply = {"error-message": f"{done.stdout.strip()[-500:]} {done.stderr.strip()[-500:]}"}
+        if not reply.get("success"):
+            message = reply.get("error-message", "").replace("\n", " ").strip()
+            raise EdgecoreError(f"the server did not register the key {key.origin}: {message}")
+        node_ids.append(int(reply["node-id"]))
+    return node_ids
