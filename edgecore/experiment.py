@@ -19,6 +19,7 @@ from edgecore.finetune import LoraSettings, TrainSettings
 
 
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam")
+AVERAGES = ("weighted-mean", "median", "trimmed-mean")  # how a round's updates merge (server.robust)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,13 @@ class Experiment:
     eval_samples: int = 100  # server-side test samples per evaluation; 0 = the whole test split
     eval_batch_size: int = 16
     max_update_norm: float = 100.0  # L2 distance from the global adapter beyond which an update is dropped
+    # Defences against one hostile device (server.robust): an update whose RMS change is above this
+    # multiple of the round's median is dropped; a claimed example count weighs at most this multiple
+    # of the round's median claim; 0 turns either off.
+    max_update_norm_ratio: float = 5.0
+    max_weight_ratio: float = 3.0
+    average: str = "weighted-mean"  # weighted-mean | median | trimmed-mean: how the round's updates merge
+    trim_fraction: float = 0.2  # trimmed-mean: the share of each element's values cut from each end
     run_dir: str = "runs"
     run_name: str = ""  # the run folder's name under run-dir; "" = fl-TIMESTAMP-runID
     save_client_updates: bool = False  # keep every accepted client update in the checkpoints (audit, debugging)
@@ -68,6 +76,14 @@ class Experiment:
             raise EdgecoreError(f"fraction-train = {self.fraction_train} must be in (0, 1]")
         if self.eval_samples < 0 or not self.max_update_norm > 0:
             raise EdgecoreError("eval-samples must be >= 0 and max-update-norm > 0")
+        for name in ("max_update_norm_ratio", "max_weight_ratio"):
+            if getattr(self, name) < 0 or 0 < getattr(self, name) < 1:
+                raise EdgecoreError(f"{_key(name)} = {getattr(self, name)} must be 0 (off) or at least 1: a multiple of "
+                                    "the round's median")
+        if self.average not in AVERAGES:
+            raise EdgecoreError(f"average = {self.average!r}; use one of {', '.join(AVERAGES)}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise EdgecoreError(f"trim-fraction = {self.trim_fraction} must be in [0, 0.5): the share cut from each end")
         parse_partition_spec(self.partition)
         if self.aggregation not in AGGREGATIONS:
             raise EdgecoreError(f"aggregation = {self.aggregation!r}; use one of {', '.join(AGGREGATIONS)}")

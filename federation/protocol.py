@@ -29,6 +29,7 @@ which calls `federation.validation`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -38,7 +39,8 @@ from edgecore import wire
 from edgecore.errors import EdgecoreError
 from federation.records import from_record, to_metrics, to_record
 from federation.validation import (
-    finite_number, flag, nonnegative_list, positive_integer, positive_number, update_problems,
+    device_name, finite_number, flag, fraction, nonnegative_list, positive_integer, positive_number, report_problems,
+    step_counts, update_distance, update_problems,
 )
 
 # The records of a message.
@@ -118,11 +120,12 @@ def _checked(values: Mapping, key: str, check: Callable[[object], str], what: st
 
 
 def device_of(content: RecordDict) -> str:
-    """The device profile a message names ("" when it names none); lenient, for the records of a
-    reply that may be rejected. `TrainReply.parse` reads the same record strictly."""
+    """The device profile a message names ("" when it names none or a bad name); lenient, for the
+    records of a reply that may be rejected. `TrainReply.parse` reads the same record strictly."""
     if DEVICE not in content.config_records:
         return ""
-    return str(dict(content.config_records[DEVICE]).get(DEVICE_NAME, ""))
+    name = dict(content.config_records[DEVICE]).get(DEVICE_NAME, "")
+    return "" if device_name(name) else name
 
 
 def _device(content: RecordDict, what: str) -> str:
@@ -130,9 +133,31 @@ def _device(content: RecordDict, what: str) -> str:
         return ""
     record = _record(content, DEVICE, ConfigRecord, what)
     name = record.get(DEVICE_NAME, "")
-    if not isinstance(name, str):
-        raise ProtocolError(f"{what} device record {DEVICE_NAME!r} = {name!r}: expected a string (the device profile's name)")
+    if device_name(name):
+        raise ProtocolError(f"{what} device record {DEVICE_NAME!r} = {repr(name)[:80]}: {device_name(name)}")
     return name
+
+
+def _arrays(content: RecordDict, what: str) -> wire.Arrays:
+    """The arrays record as numpy arrays; an array that does not decode is named."""
+    record = _record(content, ARRAYS, ArrayRecord, what)
+    arrays = {}
+    for name in record:
+        try:
+            arrays[name] = record[name].numpy()
+        except Exception as err:  # anything the bytes make numpy raise: they come from a remote device
+            raise ProtocolError(f"{what} tensor {str(name)[:200]!r} could not be decoded as a numpy array "
+                                f"({type(err).__name__}: {str(err)[:200]})") from None
+    return arrays
+
+
+def _report(values: Mapping, keys: tuple[str, ...], what: str) -> dict:
+    """A reply's metrics other than the protocol's `keys`: its report, checked before anything records it."""
+    report = {k: v for k, v in values.items() if k not in keys}
+    problems = report_problems(report)
+    if problems:
+        raise ProtocolError(f"{what} report: {'; '.join(problems[:3])}")
+    return report
 
 
 def _reply_records(device: str, metrics: dict, records: dict | None = None) -> RecordDict:
@@ -249,7 +274,7 @@ class TrainReply:
     def parse(cls, content: RecordDict) -> "TrainReply":
         """The reply in `content`, every value checked; ProtocolError names the first bad record or key."""
         what = "train reply"
-        arrays = from_record(_record(content, ARRAYS, ArrayRecord, what))
+        arrays = _arrays(content, what)
         values = dict(_record(content, METRICS, MetricRecord, what))
         metric = f"{what} metric"
 
@@ -260,6 +285,7 @@ class TrainReply:
         rank = _checked(values, LORA_RANK, positive_integer, metric)
         window = _checked(values, WINDOW, positive_integer, metric)
         compressed = _checked(values, COMPRESSED, flag, metric)
+        steps = _checked(values, LAYER_STEPS, step_counts, metric)
         return cls(
             arrays=arrays,
             num_examples=_checked(values, NUM_EXAMPLES, positive_number, metric, required=True),
@@ -267,8 +293,9 @@ class TrainReply:
             lora_rank=None if rank is None else int(rank),
             window=None if window is None else int(window),
             compressed=None if compressed is None else bool(compressed),
-            votes=vector(VOTES), importance=vector(IMPORTANCE), layer_steps=vector(LAYER_STEPS),
-            report={k: v for k, v in values.items() if k not in cls.KEYS},
+            votes=vector(VOTES), importance=vector(IMPORTANCE),
+            layer_steps=None if steps is None else tuple(int(s) for s in steps),
+            report=_report(values, cls.KEYS, what),
         )
 
     def problems(self, expected: Expectation) -> list[str]:
@@ -276,15 +303,25 @@ class TrainReply:
         and layer steps against the round, then its tensors (`federation.validation.update_problems`)."""
         if expected.window is not None and self.window != expected.window:
             return [f"window of {self.window or 0} layers, but {expected.window} was declared and assigned"]
+        if expected.layers is not None and self.window is not None and self.window > expected.layers:
+            return [f"window of {self.window} layers, but the model has {expected.layers}"]
         if self.votes is not None and len(self.votes) != expected.exits:
             return [f"{len(self.votes)} exit votes for {expected.exits} exits"]
         if expected.layers is not None and self.importance and len(self.importance) != expected.layers:
             return [f"importance for {len(self.importance)} decoder layers, but the model has {expected.layers}"]
         if expected.layers is not None and self.layer_steps and len(self.layer_steps) > expected.layers:
             return [f"layer steps for {len(self.layer_steps)} decoder layers, but the model has {expected.layers}"]
-        global_rank = max((v.shape[wire.rank_axis(k)] for k, v in expected.global_arrays.items()), default=0)
         return update_problems(self.arrays, expected.global_arrays, allowed=expected.allowed,
-                               rank=self.lora_rank or global_rank, max_delta_norm=expected.max_update_norm)
+                               rank=self.rank_in(expected.global_arrays), max_delta_norm=expected.max_update_norm)
+
+    def rank_in(self, global_arrays: wire.Arrays) -> int:
+        """The rank its tensors are at: the declared one, else the global adapter's."""
+        return self.lora_rank or max((v.shape[wire.rank_axis(k)] for k, v in global_arrays.items()), default=0)
+
+    def update_rms(self, global_arrays: wire.Arrays) -> float:
+        """Root mean square of its change to the global adapter, per element sent (for a reply without problems)."""
+        distance, elements = update_distance(self.arrays, global_arrays, self.rank_in(global_arrays))
+        return distance / math.sqrt(elements) if elements else 0.0
 
 
 # --- Evaluate -----------------------------------------------------------------------------
@@ -344,10 +381,10 @@ class EvaluateReply:
         """The reply in `content`, every value checked; ProtocolError names the first bad record or key."""
         what = "evaluate reply"
         values = dict(_record(content, METRICS, MetricRecord, what))
-        accuracy = _checked(values, ACCURACY, finite_number, f"{what} metric")
+        accuracy = _checked(values, ACCURACY, fraction, f"{what} metric")
         return cls(
             num_examples=_checked(values, NUM_EXAMPLES, positive_number, f"{what} metric", required=True),
             device=_device(content, what),
             accuracy=None if accuracy is None else float(accuracy),
-            report={k: v for k, v in values.items() if k not in cls.KEYS},
+            report=_report(values, cls.KEYS, what),
         )

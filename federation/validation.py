@@ -4,13 +4,19 @@
 calls the number checks on its own inputs too, so a value is judged by one rule wherever it
 is read.
 
-- `positive_number`, `positive_integer`, `finite_number`, `flag`, `nonnegative_list`: one value a
-  reply carries ("" when it is fine, else what was expected; federation.protocol names the key);
+- `positive_number`, `positive_integer`, `finite_number`, `fraction`, `flag`, `nonnegative_list`,
+  `step_counts`, `device_name`: one value a reply carries ("" when it is fine, else what was
+  expected; federation.protocol names the key);
+- `report_problems`: the free-form part of a reply (its measurements), which the run folder
+  records: kebab-case names that cannot shadow a record's own fields, bounded finite values;
 - `positive_weight`, `nonnegative_vector`: the same rules for the aggregation's own inputs, raising;
 - `tensors_of_window`: the tensors a client training a window of decoder layers and one exit
   may send;
 - `update_problems`: an update against the global adapter (the tensors it may send, at its
-  declared rank, fp32, finite, not too far from the global).
+  declared rank, fp32, finite, not too far from the global); `update_distance`: how far.
+
+Every bound is far beyond any honest value and well inside float64, so nothing a client sends
+can overflow a sum, an average or a JSON line.
 
 Two kinds of tensor travel (see `edgecore.wire`):
 - PEFT LoRA keys, `...layers.<L>...lora_A.weight` (rank x in) and `...lora_B.weight` (out x rank);
@@ -20,6 +26,7 @@ Two kinds of tensor travel (see `edgecore.wire`):
 from __future__ import annotations
 
 import math
+import re
 from typing import Mapping
 
 import numpy as np
@@ -29,32 +36,80 @@ from edgecore.wire import EXIT_PREFIX, layer_of, rank_axis, rank_slice, with_ran
 
 # --- Numbers and vectors ------------------------------------------------------------------
 
+MAX_MAGNITUDE = 1e15  # the largest |value| of any number a reply carries (an example count, a byte count, a vote)
+MAX_STEPS = 10**9  # the most training steps a reply may claim for one layer
+MAX_LIST = 100_000  # the most entries of one list a reply carries
+MAX_REPORT_ENTRIES = 200
+METRIC_NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")  # kebab-case, as every key the protocol defines
+MAX_NAME = 64
+# Names a client's report may not take: a round record's own fields for a client, which are
+# snake_case (node_id, assigned_exit, weight) or this one word.
+RESERVED_NAMES = frozenset({"device", "weight", "cause", "reason", "round"})
+
 
 def is_number(value) -> bool:
     """An int or float (numpy's too), not a bool."""
     return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
 
 
+def _bounded(value) -> bool:
+    return is_number(value) and math.isfinite(value) and abs(value) <= MAX_MAGNITUDE
+
+
 def positive_number(value) -> str:
     """Empty when `value` is a finite number > 0, else what was expected (so for every check below)."""
-    return "" if is_number(value) and math.isfinite(value) and value > 0 else "expected a finite number > 0"
+    return "" if _bounded(value) and value > 0 else f"expected a finite number > 0 and <= {MAX_MAGNITUDE:.0e}"
 
 
 def finite_number(value) -> str:
-    return "" if is_number(value) and math.isfinite(value) else "expected a finite number"
+    return "" if _bounded(value) else f"expected a finite number of magnitude <= {MAX_MAGNITUDE:.0e}"
+
+
+def fraction(value) -> str:
+    return "" if is_number(value) and 0 <= value <= 1 else "expected a number in [0, 1]"
 
 
 def positive_integer(value) -> str:
-    return "" if is_number(value) and float(value).is_integer() and value >= 1 else "expected an integer >= 1"
+    return "" if _bounded(value) and float(value).is_integer() and value >= 1 else "expected an integer >= 1"
 
 
 def flag(value) -> str:
     return "" if is_number(value) and value in (0, 1) else "expected 0 or 1"
 
 
+def _list_of(value, entry_ok) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) <= MAX_LIST and all(entry_ok(x) for x in value)
+
+
 def nonnegative_list(value) -> str:
-    ok = isinstance(value, (list, tuple)) and all(is_number(x) and math.isfinite(x) and x >= 0 for x in value)
-    return "" if ok else "expected a list of finite numbers >= 0"
+    ok = _list_of(value, lambda x: _bounded(x) and x >= 0)
+    return "" if ok else f"expected a list of finite numbers >= 0 and <= {MAX_MAGNITUDE:.0e}"
+
+
+def step_counts(value) -> str:
+    ok = _list_of(value, lambda x: is_number(x) and math.isfinite(x) and float(x).is_integer() and 0 <= x <= MAX_STEPS)
+    return "" if ok else f"expected a list of whole step counts in [0, {MAX_STEPS:.0e}]"
+
+
+def device_name(value) -> str:
+    ok = isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable()
+    return "" if ok else "expected the device profile's name: a printable string of 1-128 characters"
+
+
+def report_problems(report: Mapping) -> list[str]:
+    """Why a reply's report (its free-form measurements) must not be recorded (empty when it is fine)."""
+    if len(report) > MAX_REPORT_ENTRIES:
+        return [f"report of {len(report)} entries; at most {MAX_REPORT_ENTRIES}"]
+    problems = []
+    for name, value in report.items():
+        if not isinstance(name, str) or len(name) > MAX_NAME or not METRIC_NAME.fullmatch(name):
+            problems.append(f"metric name {str(name)[:80]!r}: expected kebab-case of at most {MAX_NAME} characters")
+        elif name in RESERVED_NAMES:
+            problems.append(f"metric name {name!r} is reserved for the server's own record of the client")
+        elif not (_bounded(value) or (isinstance(value, (list, tuple)) and _list_of(value, _bounded))):
+            problems.append(f"metric {name!r} = {str(value)[:80]}: expected a finite number (or list of them) of "
+                            f"magnitude <= {MAX_MAGNITUDE:.0e}")
+    return problems
 
 
 def positive_weight(weight, what: str) -> float:
@@ -135,7 +190,7 @@ def update_problems(
         return [f"declared rank {rank!r} is not a positive integer"]
     if not update:
         return ["update is empty: it sends no tensor"]
-    problems, squared = [], 0.0
+    problems = []
     for name in sorted(update):
         value = update[name]
         if name not in global_arrays:
@@ -144,15 +199,22 @@ def update_problems(
         if allowed is not None and name not in allowed:
             problems.append(f"{name}: not assigned this round; the client must send only its window's tensors")
             continue
-        reference = global_arrays[name]
-        found = _tensor_problems(name, value, reference, rank)
-        problems.extend(found)
-        if not found:
-            start = reference[rank_slice(rank_axis(name), rank)].astype(np.float64)
-            squared += float(np.square(np.asarray(value, dtype=np.float64) - start).sum())
-    delta = math.sqrt(squared)
-    if not problems and delta > max_delta_norm:
+        problems.extend(_tensor_problems(name, value, global_arrays[name], rank))
+    if problems:
+        return problems
+    delta, _ = update_distance(update, global_arrays, rank)
+    if delta > max_delta_norm:
         problems.append(
             f"update distance {delta:.3g} from the global adapter exceeds the limit {max_delta_norm:.3g} (max-update-norm)"
         )
     return problems
+
+
+def update_distance(update: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], rank: int) -> tuple[float, int]:
+    """A well-formed update's L2 distance from the global adapter cut to `rank`, and how many elements it sent."""
+    squared, elements = 0.0, 0
+    for name, value in update.items():
+        start = np.asarray(global_arrays[name])[rank_slice(rank_axis(name), rank)].astype(np.float64)
+        squared += float(np.square(np.asarray(value, dtype=np.float64) - start).sum())
+        elements += int(np.asarray(value).size)
+    return math.sqrt(squared), elements

@@ -42,6 +42,10 @@ def main(grid: Grid, context: Context) -> None:
         layers=layers,
         optimizer=ServerOptimizer(experiment.aggregation, lr=experiment.server_lr),
         max_update_norm=experiment.max_update_norm,
+        max_update_norm_ratio=experiment.max_update_norm_ratio,
+        max_weight_ratio=experiment.max_weight_ratio,
+        average=experiment.average,
+        trim_fraction=experiment.trim_fraction,
         keep_updates=experiment.save_client_updates,
         fraction_train=experiment.fraction_train,
         # The dense base is evaluated here; with the edge pipeline every client also scores

@@ -8,11 +8,14 @@ Per round:
       to the devices that can afford them);
   aggregate_train: every reply is parsed and checked in one place (federation.protocol:
       TrainReply.parse, then TrainReply.problems: only the tensors of its assigned window, at
-      its declared rank, finite, not too far from the global); every sampled client whose update was not accepted is recorded with why: an
-      error reply (its ClientApp raised, or the SuperLink could not reach it), a rejected
-      update, or no reply at all; the accepted ones are averaged tensor by tensor over the
-      clients that sent them (partial_average), then the server optimizer (FedAvg / FedProx /
-      FedAdam) steps;
+      its declared rank, finite, not too far from the global); then against the round
+      (server.robust): an update far beyond the round's median change is dropped, and a
+      claimed example count buys at most a multiple of the median claim. Every sampled client
+      whose update was not accepted is recorded with why: an error reply (its ClientApp
+      raised, or the SuperLink could not reach it), a rejected update, or no reply at all.
+      The accepted ones are averaged element by element over the clients that hold each
+      element (partial_average; or the coordinate-wise median or trimmed mean), then the
+      server optimizer (FedAvg / FedProx / FedAdam) steps;
       the votes become next round's global exit weights and the layer importance and the
       trained layers go into the ledger;
   configure/aggregate_evaluate: every client with a compressed base scores the new global
@@ -20,7 +23,9 @@ Per round:
       what the adapter does on each device.
 Clients of the plain pipeline send every LoRA tensor at the global rank and no votes; they
 are averaged the same way, which is then exactly FedAvg. Every message is a federation.protocol
-dataclass; no record key is spelled here.
+dataclass; no record key is spelled here. Nothing a reply holds can raise out of the strategy,
+and a client's record in the run folder keeps the server's own fields (node_id, device, weight)
+whatever the client reports.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from federation import protocol
 from federation.protocol import EvaluateInstruction, EvaluateReply, Expectation, ProtocolError, TrainInstruction, TrainReply
 from federation.records import from_record, to_record
 from edgecore import wire
+from edgecore.errors import EdgecoreError
+from edgecore.experiment import AVERAGES
 from federation.validation import tensors_of_window
-from server import aggregation
+from server import aggregation, robust
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +57,16 @@ class FleetStrategy(FedAvg):
     """
 
     def __init__(self, *, exits: tuple[int, ...], layers: int, optimizer: aggregation.ServerOptimizer,
-                 max_update_norm: float, keep_updates: bool = False, **kwargs):
+                 max_update_norm: float, max_update_norm_ratio: float = 5.0, max_weight_ratio: float = 3.0,
+                 average: str = "weighted-mean", trim_fraction: float = 0.2, keep_updates: bool = False, **kwargs):
         super().__init__(weighted_by_key=protocol.NUM_EXAMPLES, arrayrecord_key=protocol.ARRAYS,
                          configrecord_key=protocol.CONFIG, **kwargs)
+        if average not in AVERAGES:
+            raise EdgecoreError(f"average = {average!r}; use one of {', '.join(AVERAGES)}")
         self.max_update_norm = max_update_norm
+        self.max_update_norm_ratio = max_update_norm_ratio  # server.robust.outliers; 0 = off
+        self.max_weight_ratio = max_weight_ratio  # server.robust.bounded_weights; 0 = off
+        self.average, self.trim_fraction = average, trim_fraction
         self.keep_updates = keep_updates
         self.global_arrays: dict = {}
         self.round_updates: dict[int, dict[int, dict]] = {}  # round -> node -> arrays, when kept
@@ -103,7 +116,7 @@ class FleetStrategy(FedAvg):
         owner = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent if m.metadata.message_id}
         self.sent = []
         sampled = self.round_sampled.setdefault(server_round, [r.metadata.src_node_id for r in replies])
-        accepted, clients, dropped, answered = [], [], [], set()
+        screened, dropped, answered = [], [], set()
         for reply in replies:
             node = owner.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if node not in sampled or node in answered:
@@ -119,33 +132,59 @@ class FleetStrategy(FedAvg):
                 parsed, reasons = self._screen(node, reply.content)
                 cause = "rejected"
             if reasons:
-                log.warning("round %d: no update from node %d (%s): %s", server_round, node, cause, "; ".join(reasons))
-                dropped.append({"node_id": node, "device": self.node_devices.get(node, ""), "cause": cause,
-                                "reason": "; ".join(reasons)})
+                dropped.append(self._dropped(server_round, node, cause, reasons))
                 continue
-            accepted.append(parsed)
-            clients.append({"node_id": node, "device": device, "assigned_exit": self.assigned.get(node), **parsed.metrics()})
-            self.nodes[node] = {"rank": parsed.lora_rank, "window": parsed.window, "device": device,
-                                "compressed": bool(parsed.compressed)}
-            if self.keep_updates:
-                self.round_updates.setdefault(server_round, {})[node] = parsed.arrays
+            screened.append((node, device, parsed, parsed.update_rms(self.global_arrays)))
+        accepted = self._without_outliers(server_round, screened, dropped)
         for node in sampled:
             if node not in answered:
-                log.warning("round %d: node %d sent no reply", server_round, node)
-                dropped.append({"node_id": node, "device": self.node_devices.get(node, ""), "cause": "no-reply",
-                                "reason": "no reply before the round's timeout"})
-        self.round_clients[server_round] = clients
+                dropped.append(self._dropped(server_round, node, "no-reply", ["no reply before the round's timeout"]))
+        weights = robust.bounded_weights([float(parsed.num_examples) for _, _, parsed, _ in accepted], self.max_weight_ratio)
+        self.round_clients[server_round] = [self._accept(server_round, *entry, weight) for entry, weight in zip(accepted, weights)]
         self.round_dropped[server_round] = dropped
         if not accepted:
             log.warning("round %d: no valid update; the global adapter stays as it was", server_round)
             return None, None
-        averaged, contributors = aggregation.partial_average(
-            self.global_arrays, [(reply.arrays, float(reply.num_examples)) for reply in accepted])
+        updates = [entry[2] for entry in accepted]
+        averaged, contributors = self._average([(reply.arrays, weight) for reply, weight in zip(updates, weights)])
         new_global = self.optimizer.step(self.global_arrays, averaged, contributors)
-        self._learn_from_votes(accepted)
+        self._learn_from_votes(updates, weights)
         trained = sum(1 for n in contributors.values() if n)
         log.info("round %d: %d updates, %d of %d tensors trained", server_round, len(accepted), trained, len(contributors))
         return to_record(new_global), MetricRecord({"clients": len(accepted), "tensors-trained": trained})
+
+    def _dropped(self, server_round: int, node: int, cause: str, reasons: list[str]) -> dict:
+        reason = "; ".join(reasons)
+        log.warning("round %d: no update from node %d (%s): %s", server_round, node, cause, reason)
+        return {"node_id": node, "device": self.node_devices.get(node, ""), "cause": cause, "reason": reason}
+
+    def _without_outliers(self, server_round: int, screened: list[tuple], dropped: list[dict]) -> list[tuple]:
+        """The screened updates less those far beyond the round's median change (server.robust.outliers)."""
+        rms = [entry[3] for entry in screened]
+        far = set(robust.outliers(rms, self.max_update_norm_ratio))
+        for index in sorted(far):
+            node = screened[index][0]
+            dropped.append(self._dropped(server_round, node, "rejected", [
+                f"update RMS change {rms[index]:.3g} is {rms[index] / robust.low_median(rms):.3g} times the round's median "
+                f"{robust.low_median(rms):.3g}, above max-update-norm-ratio = {self.max_update_norm_ratio:g}"]))
+        return [entry for index, entry in enumerate(screened) if index not in far]
+
+    def _accept(self, server_round: int, node: int, device: str, parsed: TrainReply, rms: float, weight: float) -> dict:
+        """Book an accepted update; its record for the run folder (the server's fields win over any report)."""
+        self.nodes[node] = {"rank": parsed.lora_rank, "window": parsed.window, "device": device,
+                            "compressed": bool(parsed.compressed)}
+        if self.keep_updates:
+            self.round_updates.setdefault(server_round, {})[node] = parsed.arrays
+        return {**parsed.metrics(), "node_id": node, "device": device, "assigned_exit": self.assigned.get(node),
+                "weight": weight, "update_rms": rms}
+
+    def _average(self, updates: list[tuple[dict, float]]) -> tuple[dict, dict[str, int]]:
+        """The round's merged update, element by element over the clients holding each element."""
+        if self.average == "median":
+            return robust.coordinate_median(self.global_arrays, [arrays for arrays, _ in updates])
+        if self.average == "trimmed-mean":
+            return robust.trimmed_mean(self.global_arrays, [arrays for arrays, _ in updates], self.trim_fraction)
+        return aggregation.partial_average(self.global_arrays, updates)
 
     def problems_of(self, node: int, content: RecordDict) -> list[str]:
         """Why a reply must not count (empty when it is fine); see the module docstring."""
@@ -158,6 +197,8 @@ class FleetStrategy(FedAvg):
             reply = TrainReply.parse(content)
         except ProtocolError as err:
             return None, [str(err)]
+        except Exception as err:  # a remote device's bytes: whatever they make a library raise drops the reply, not the run
+            return None, [f"unreadable reply ({type(err).__name__}: {str(err)[:300]})"]
         expected = Expectation(global_arrays=self.global_arrays, max_update_norm=self.max_update_norm,
                                exits=len(self.exits), layers=self.ledger.layers)
         if node in self.assigned:
@@ -167,11 +208,11 @@ class FleetStrategy(FedAvg):
                                allowed=tensors_of_window(self.global_arrays, first, last, exit_layer))
         return reply, reply.problems(expected)
 
-    def _learn_from_votes(self, accepted: list[TrainReply]) -> None:
-        voters = [(r.votes, float(r.num_examples)) for r in accepted if r.votes]
+    def _learn_from_votes(self, accepted: list[TrainReply], weights: list[float]) -> None:
+        voters = [(r.votes, weight) for r, weight in zip(accepted, weights) if r.votes]
         if voters:
             self.exit_weights = aggregation.global_exit_weights(voters, len(self.exits))
-        important = [(r.importance, float(r.num_examples)) for r in accepted if r.importance]
+        important = [(r.importance, weight) for r, weight in zip(accepted, weights) if r.importance]
         if important:
             self.ledger.record_importance(important)
         for r in accepted:
@@ -191,29 +232,34 @@ class FleetStrategy(FedAvg):
         return [instruction.to_message(node) for node in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        results = []
+        results, seen = [], set()
         for reply in replies:
-            if reply.has_error():
-                log.warning("round %d: node %d could not evaluate: %s", server_round, reply.metadata.src_node_id,
-                            _last_line(reply.error.reason))
-                continue
             node = reply.metadata.src_node_id
+            if node in seen:
+                log.warning("round %d: ignored a second evaluation from node %d", server_round, node)
+                continue
+            seen.add(node)
+            if reply.has_error():
+                log.warning("round %d: node %d could not evaluate: %s", server_round, node, _last_line(reply.error.reason))
+                continue
             device = protocol.device_of(reply.content)
             if device:
                 self.node_devices[node] = device
             try:
                 parsed = EvaluateReply.parse(reply.content)
-            except ProtocolError as err:
-                log.warning("round %d: ignored node %d's evaluation: %s", server_round, node, err)
+            except Exception as err:  # a ProtocolError, or whatever a remote device's bytes make a library raise
+                log.warning("round %d: ignored node %d's evaluation: %s", server_round, node, str(err)[:500])
                 continue
             results.append((node, parsed))
-        self.round_devices[server_round] = [{"node_id": node, "device": r.device, **r.metrics()} for node, r in results]
+        weights = robust.bounded_weights([float(r.num_examples) for _, r in results], self.max_weight_ratio)
+        self.round_devices[server_round] = [{**r.metrics(), "node_id": node, "device": r.device, "weight": weight}
+                                            for (node, r), weight in zip(results, weights)]
         for failure in self.round_dropped.get(server_round, []):  # a client that failed to train may still evaluate
             failure["device"] = failure["device"] or self.node_devices.get(failure["node_id"], "")
         if not results:
             return None
-        total = sum(r.num_examples for _, r in results)
-        return MetricRecord({protocol.ACCURACY: sum((r.accuracy or 0.0) * r.num_examples for _, r in results) / total})
+        total = sum(weights)
+        return MetricRecord({protocol.ACCURACY: sum((r.accuracy or 0.0) * w for (_, r), w in zip(results, weights)) / total})
 
 
 def _last_line(reason: str) -> str:
