@@ -318,10 +318,11 @@ class TrainReply:
         """The rank its tensors are at: the declared one, else the global adapter's."""
         return self.lora_rank or max((v.shape[wire.rank_axis(k)] for k, v in global_arrays.items()), default=0)
 
-    def update_rms(self, global_arrays: wire.Arrays) -> float:
-        """Root mean square of its change to the global adapter, per element sent (for a reply without problems)."""
+    def change(self, global_arrays: wire.Arrays) -> tuple[float, float]:
+        """Its change to the global adapter (for a reply without problems): the L2 norm over every element
+        sent, and the root mean square per element (comparable between deep and shallow windows)."""
         distance, elements = update_distance(self.arrays, global_arrays, self.rank_in(global_arrays))
-        return distance / math.sqrt(elements) if elements else 0.0
+        return distance, distance / math.sqrt(elements) if elements else 0.0
 
 
 # --- Evaluate -----------------------------------------------------------------------------

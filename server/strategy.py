@@ -134,12 +134,12 @@ class FleetStrategy(FedAvg):
             if reasons:
                 dropped.append(self._dropped(server_round, node, cause, reasons))
                 continue
-            screened.append((node, device, parsed, parsed.update_rms(self.global_arrays)))
+            screened.append((node, device, parsed, *parsed.change(self.global_arrays)))
         accepted = self._without_outliers(server_round, screened, dropped)
         for node in sampled:
             if node not in answered:
                 dropped.append(self._dropped(server_round, node, "no-reply", ["no reply before the round's timeout"]))
-        weights = robust.bounded_weights([float(parsed.num_examples) for _, _, parsed, _ in accepted], self.max_weight_ratio)
+        weights = robust.bounded_weights([float(parsed.num_examples) for _, _, parsed, *_ in accepted], self.max_weight_ratio)
         self.round_clients[server_round] = [self._accept(server_round, *entry, weight) for entry, weight in zip(accepted, weights)]
         self.round_dropped[server_round] = dropped
         if not accepted:
@@ -160,7 +160,7 @@ class FleetStrategy(FedAvg):
 
     def _without_outliers(self, server_round: int, screened: list[tuple], dropped: list[dict]) -> list[tuple]:
         """The screened updates less those far beyond the round's median change (server.robust.outliers)."""
-        rms = [entry[3] for entry in screened]
+        rms = [entry[4] for entry in screened]
         far = set(robust.outliers(rms, self.max_update_norm_ratio))
         for index in sorted(far):
             node = screened[index][0]
@@ -169,14 +169,15 @@ class FleetStrategy(FedAvg):
                 f"{robust.low_median(rms):.3g}, above max-update-norm-ratio = {self.max_update_norm_ratio:g}"]))
         return [entry for index, entry in enumerate(screened) if index not in far]
 
-    def _accept(self, server_round: int, node: int, device: str, parsed: TrainReply, rms: float, weight: float) -> dict:
+    def _accept(self, server_round: int, node: int, device: str, parsed: TrainReply, norm: float, rms: float,
+                weight: float) -> dict:
         """Book an accepted update; its record for the run folder (the server's fields win over any report)."""
         self.nodes[node] = {"rank": parsed.lora_rank, "window": parsed.window, "device": device,
                             "compressed": bool(parsed.compressed)}
         if self.keep_updates:
             self.round_updates.setdefault(server_round, {})[node] = parsed.arrays
         return {**parsed.metrics(), "node_id": node, "device": device, "assigned_exit": self.assigned.get(node),
-                "weight": weight, "update_rms": rms}
+                "weight": weight, "update_norm": norm, "update_rms": rms}
 
     def _average(self, updates: list[tuple[dict, float]]) -> tuple[dict, dict[str, int]]:
         """The round's merged update, element by element over the clients holding each element."""
