@@ -42,7 +42,7 @@ def run(fleet_name: str, overrides: str, work: Path, data: str, separate_disks: 
     work.mkdir(parents=True, exist_ok=True)
     config = f"min-clients={len(slots)} run-dir={json.dumps(str(work / 'runs'))} {overrides}".strip()
     started = time.perf_counter()
-    children = [_start(["-m", "server", "--host", "127.0.0.1", "--port", str(port), "--flwr-home", str(work / "server"),
+    children = [_start(["-m", "server", "--insecure", "--host", "127.0.0.1", "--port", str(port), "--flwr-home", str(work / "server"),
                          "-c", config], work / "server.log", dict(os.environ))]
     try:
         for i, slot in enumerate(slots):

@@ -30,7 +30,7 @@ LAYERS = [
                     "edgecore.schedule.planner", "edgecore.schedule.streaming", "edgecore.schedule.workload"]),
     ("device", ["edgecore.device_store", "edgecore.device"]),
     ("edgecore command line", ["edgecore.cli", "edgecore.schedule.cli", "edgecore.__main__"]),
-    ("federation", ["federation", "federation.*"]),
+    ("federation", ["federation", "federation.credentials", "federation.*"]),
     ("apps", ["client", "client.*", "server", "server.*"]),
     ("simulations", ["simulations", "simulations.*"]),
 ]

@@ -50,7 +50,7 @@ def test_round_two_loads_every_compressed_device_model_from_disk(tmp_path):
     assert made.returncode == 0, made.stderr[-2000:]
 
     port = free_port()
-    server = _start(env, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--flwr-home", str(tmp_path / "link"),
+    server = _start(env, "-m", "server", "--insecure", "--host", "127.0.0.1", "--port", str(port), "--flwr-home", str(tmp_path / "link"),
                     "-c", _overrides({**CONFIG, "run-dir": str(tmp_path / "runs")}))
     devices = [(board, []), (carried, ["--model", str(folder)]), (phone, [])]
     clients = [
