@@ -28,6 +28,9 @@ import client.__main__ as client_cli
 import server.__main__ as server_cli
 
 REFUSED = 3  # python -m client's exit status for a device the server refused
+# What this test is about is the transport, so the rounds are the cheapest that still train:
+# dense LoRA on every device (no compression, no votes), one short step.
+FAST = {"min-clients": 2, "pipeline": "plain", "local-steps": 1, "eval-samples": 8}
 
 
 def _cli(*args, timeout=60):
@@ -76,7 +79,7 @@ def test_registered_devices_train_over_tls_and_an_unregistered_one_is_refused_un
     port, link = free_port(), tmp_path / "link"
     server = _start(None, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--flwr-home", str(link),
                     "--certificates", str(tmp_path / "certs"), "--device-keys", str(listing),
-                    "-c", _overrides({**CONFIG, "min-clients": 2, "run-dir": str(tmp_path / "runs")}))
+                    "-c", _overrides({**CONFIG, **FAST, "run-dir": str(tmp_path / "runs")}))
     server_out = _Lines(server)
     clients = []
     try:
