@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from edgecore.errors import EdgecoreError

@@ -43,6 +43,9 @@ def wait_reachable(host: str, port: int, tries: int, wait_s: float = 2.0, root_c
             with socket.create_connection((host, port), timeout=3) as sock:
                 if root_certificates:
                     _handshake(sock, host, port, root_certificates)
+                elif _speaks_tls(sock, host):
+                    raise EdgecoreError(f"the server at {host}:{port} speaks TLS; pass --root-certificates ca.crt "
+                                        "(from the server operator) to connect over TLS")
                 return
         except ssl.SSLError as err:
             raise _tls_refusal(host, port, root_certificates, err) from None
@@ -59,6 +62,21 @@ def wait_reachable(host: str, port: int, tries: int, wait_s: float = 2.0, root_c
 def _handshake(sock: socket.socket, host: str, port: int, root_certificates: Path) -> None:
     with credentials.tls_context(root_certificates).wrap_socket(sock, server_hostname=host):
         pass
+
+
+def _speaks_tls(sock: socket.socket, host: str) -> bool:
+    """Whether a TLS handshake (trusting anything: only the protocol is asked) succeeds.
+
+    Without this a plain-HTTP device at a TLS server sees only connection resets, which the
+    SuperNode retries for --max-wait-time before it gives up with no hint.
+    """
+    probe = ssl.create_default_context()
+    probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
+    try:
+        with probe.wrap_socket(sock, server_hostname=host):
+            return True
+    except (ssl.SSLError, OSError):
+        return False
 
 
 def _tls_refusal(host: str, port: int, ca: Path, err: ssl.SSLError) -> EdgecoreError:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from edgecore.errors import EdgecoreError
@@ -87,6 +86,9 @@ def serve(host: str, port: int, experiment: Experiment, flwr_home: Path, keep_al
             processes.register_devices(security.device_keys, CONNECTION, env, flwr_home / "device-keys")
             print(f"device authentication on: {len(security.device_keys)} registered device keys; add one later with "
                   f"`python -m server register KEY.pub --flwr-home {flwr_home}`", flush=True)
+        elif security.tls:
+            print("device authentication off: any device that trusts the CA may join (--device-keys admits only "
+                  "registered ones)", flush=True)
         run_id = processes.submit_run(PROJECT, CONNECTION, env, run_config=run_config.as_flwr_overrides(experiment))
         print(f"run {run_id} started; run folder {run_dir / run_name}", flush=True)
         status = processes.await_completion(run_id, CONNECTION, env, timeout_s, on_poll=RoundPrinter(run_dir / run_name))

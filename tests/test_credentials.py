@@ -93,6 +93,12 @@ def test_a_real_tls_handshake_trusts_the_ca_and_checks_the_name(certs, other):
         assert "not valid for '127.0.0.2'" in message and "python -m server certs --host 127.0.0.2" in message
 
 
+def test_a_device_without_tls_against_a_tls_server_is_told(certs):
+    with _tls_server(certs) as port:
+        message = _error(wait_reachable, "127.0.0.1", port, tries=1)
+    assert f"the server at 127.0.0.1:{port} speaks TLS; pass --root-certificates ca.crt" in message
+
+
 def test_a_device_using_tls_against_a_plain_server_is_told(certs):
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=lambda: listener.accept()[0].sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"), daemon=True).start()
