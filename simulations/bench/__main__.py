@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgecore.errors import EdgecoreError
 from edgecore.measure import machine
-from simulations.bench import BENCHMARKS, fleet, luc, plain, schedule, tuning  # noqa: F401  (registers the benchmarks)
+from simulations.bench import BENCHMARKS, fleet, luc, plain, privacy, schedule, tuning  # noqa: F401  (registers the benchmarks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ def _say(message: str) -> None:
     print(f"[fleet {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _run(name: str, experiment: Experiment, fleet: Fleet) -> tuple[dict, list[dict]]:
+def simulate_fleet(name: str, experiment: Experiment, fleet: Fleet) -> tuple[dict, list[dict]]:
     """Simulate one configuration on the whole fleet; (its results row, its round records)."""
     clients = experiment.min_clients
     _say(f"{name}: {experiment.num_rounds} rounds, {clients} clients, pipeline {experiment.pipeline}")
@@ -95,7 +95,7 @@ def run(options: dict) -> dict:
     for name, pipeline in (("a_plain", "plain"), ("b_edge", "edge")):
         experiment = Experiment.from_mapping({**base.as_run_config(), **common, "pipeline": pipeline,
                                               "run-name": f"bench-fleet-{stamp}-{name}"})
-        runs[name], records[name] = _run(name, experiment, fleet)
+        runs[name], records[name] = simulate_fleet(name, experiment, fleet)
     plain, edge = runs["a_plain"], runs["b_edge"]
     budgets = {slot.device.name: slot.device.memory_budget_mb for slot in fleet.slots}
     # Over the accepted updates only; a device of the fleet that never contributed is a row that is not within.
