@@ -146,6 +146,8 @@ def relay(process: subprocess.Popen) -> tuple[int, list[str]]:
 def refusal(lines: list[str], args) -> str | None:
     """What Flower's last words mean for this device, when the server refused it; None otherwise."""
     text = "".join(lines)
+    if "Failed to initialize the connection to the SuperLink" not in text:
+        return None  # it was admitted (whatever ended it later is not a refusal) or never got that far
     public = credentials.public_key_path(args.auth_key) if args.auth_key else None
     if "[code: 2004]" in text and public:  # ActivateNode: no node holds this key (or it is online elsewhere)
         return (f"its public key {public} is not registered (or another connected device uses the same key); "

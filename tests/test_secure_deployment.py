@@ -193,3 +193,23 @@ def test_the_client_checks_its_certificate_and_key_before_connecting(capsys, cer
 
 def test_the_client_spells_the_local_profile_as_edgecore_does():
     assert client_cli.LOCAL_PROFILE == profiles.LOCAL  # kept apart so that `keygen` starts without torch
+
+
+# Flower 1.41's last words, as the SuperNode printed them on this machine for each refusal.
+FLOWER_SAYS = "ERROR :     Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n{}\n" \
+              "The SuperNode could not establish a connection to the SuperLink.\n"
+
+
+@pytest.mark.parametrize("said, tls, key, meaning", [
+    ("[code: 2004] Failed to activate SuperNode.", True, True, "its public key dev.pub is not registered"),
+    ("[code: 2001] SuperNode authentication is enabled. All SuperNodes must be registered via the CLI.", True, False,
+     "admits only registered devices and this one has no key"),
+    ("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer certificate", True, True,
+     "not trusted by --root-certificates ca.crt"),
+    ("[Errno 104] Connection reset by peer", False, False, "probably requires TLS"),
+])
+def test_each_refusal_flower_reports_becomes_one_line(said, tls, key, meaning):
+    args = argparse.Namespace(root_certificates=Path("ca.crt") if tls else None, auth_key=Path("dev") if key else None)
+    assert meaning in client_cli.refusal(FLOWER_SAYS.format(said).splitlines(keepends=True), args)
+    # A device that was admitted is not refused by what happens later, e.g. a reset when the server stops.
+    assert client_cli.refusal(["Connection reset by peer\n"], args) is None
