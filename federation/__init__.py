@@ -5,7 +5,8 @@
 - `federation.validation`: every check of what a client sends (pure numpy, no Flower);
 - `federation.records`: Flower records <-> the wire format's plain numpy arrays;
 - `federation.processes` and `federation.addresses`: starting and watching Flower processes,
-  and HOST:PORT parsing, for the `python -m server` / `python -m client` wrappers.
+  and HOST:PORT parsing and probing (TLS included), for the `python -m server` / `python -m
+  client` wrappers; `federation.credentials`: their certificates and device keys.
 
 It may import edgecore and flwr, never client, server or simulations.
 """

@@ -159,8 +159,8 @@ def _stop(process):
 @needs_bbc
 def test_loopback_deployment_with_the_commands_a_user_types(tmp_path):
     port = free_port()
-    server = _start("-m", "server", "--host", "127.0.0.1", "--port", str(port), "--flwr-home", str(tmp_path / "link"),
-                    "-c", _overrides({**TINY, "num-rounds": 1, "run-dir": str(tmp_path / "runs")}))
+    server = _start("-m", "server", "--insecure", "--host", "127.0.0.1", "--port", str(port), "--flwr-home",
+                    str(tmp_path / "link"), "-c", _overrides({**TINY, "num-rounds": 1, "run-dir": str(tmp_path / "runs")}))
     clients = [
         _start("-m", "client", "--server", f"127.0.0.1:{port}", "--data", "bbc", "--partition-id", str(i),
                "--num-partitions", "2", "--runtime-port", str(free_port()), "--flwr-home", str(tmp_path / f"node{i}"))
