@@ -20,6 +20,7 @@ from edgecore.finetune import LoraSettings, TrainSettings
 
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam")
 AVERAGES = ("weighted-mean", "median", "trimmed-mean")  # how a round's updates merge (server.robust)
+DP_MODES = ("off", "central", "local")  # client-level differential privacy (federation.privacy)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,14 @@ class Experiment:
     device_eval_samples: int = 16  # test samples each client evaluates the global adapter on, on its own base
     luc_grid: str = "quick"  # compression candidates: "quick" (8 or 4 bits, or 50% pruned at 4 bits) or "full" (the profile's)
     calib_samples: int = 2  # LUC calibration sequences per client (more: better policies, slower first round)
+    # Client-level differential privacy of the updates (federation.privacy, server.privacy): "off",
+    # "central" (clients clip, the server re-clips, averages with equal weights and adds the noise)
+    # or "local" (each client clips and adds its own noise).
+    dp_mode: str = "off"
+    dp_clip_norm: float = 1.0  # C: the largest L2 norm of one client's update (all its tensors together)
+    dp_noise_multiplier: float = 0.0  # z: the noise's std is z * C on every sum of updates
+    dp_delta: float = 1e-5  # the delta the epsilon is reported at
+    dp_max_epsilon: float = 0.0  # stop before a round that would pass this epsilon; 0 = no budget
 
     def __post_init__(self):
         self.lora()  # validates the LoRA fields
@@ -96,8 +105,42 @@ class Experiment:
         for name in ("vote_samples", "device_eval_samples", "calib_samples"):
             if getattr(self, name) < 1:
                 raise EdgecoreError(f"{_key(name)} = {getattr(self, name)} must be at least 1")
+        self._check_privacy()
         if self.fleet:
             self.load_fleet()
+
+    def _check_privacy(self) -> None:
+        """The dp-* keys, and the keys a private run's aggregation constrains."""
+        if self.dp_mode not in DP_MODES:
+            raise EdgecoreError(f"dp-mode = {self.dp_mode!r}; use one of {', '.join(repr(m) for m in DP_MODES)}")
+        if not self.dp_clip_norm > 0:
+            raise EdgecoreError(f"dp-clip-norm = {self.dp_clip_norm} must be > 0: the largest L2 norm of one update")
+        if not self.dp_noise_multiplier >= 0:
+            raise EdgecoreError(f"dp-noise-multiplier = {self.dp_noise_multiplier} must be >= 0")
+        if not 0 < self.dp_delta < 1:
+            raise EdgecoreError(f"dp-delta = {self.dp_delta} must be in (0, 1); choose well below 1 / the number of clients")
+        if not self.dp_max_epsilon >= 0:
+            raise EdgecoreError(f"dp-max-epsilon = {self.dp_max_epsilon} must be >= 0 (0 = no budget)")
+        if self.dp_mode == "off":
+            return
+        if not self.dp_noise_multiplier > 0:
+            raise EdgecoreError(f"dp-mode = {self.dp_mode!r} needs dp-noise-multiplier > 0 (it is "
+                                f"{self.dp_noise_multiplier}); e.g. 1.0, or set dp-mode = \"off\"")
+        if self.dp_mode == "central":
+            self._check_central_privacy()
+
+    def _check_central_privacy(self) -> None:
+        """Central DP bounds each client's share of the equal-weight sum; a rule coupling clients breaks the bound."""
+        if self.average != "weighted-mean":
+            raise EdgecoreError(f"dp-mode = \"central\" averages with equal weights and noise (server.privacy); "
+                                f"average = {self.average!r} has no bounded sensitivity: set average = \"weighted-mean\"")
+        if self.max_update_norm_ratio != 0:
+            raise EdgecoreError(f"dp-mode = \"central\" needs max-update-norm-ratio = 0 (it is {self.max_update_norm_ratio:g}): "
+                                "dropping updates against the round's median lets one client's data decide whether "
+                                "another's counts")
+        if self.dp_clip_norm > self.max_update_norm:
+            raise EdgecoreError(f"dp-clip-norm = {self.dp_clip_norm:g} exceeds max-update-norm = {self.max_update_norm:g}: "
+                                "clipped updates would be rejected; lower dp-clip-norm or raise max-update-norm")
 
     def load_fleet(self):
         """The fleet this experiment runs (None for a homogeneous dense federation)."""
