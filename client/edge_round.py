@@ -8,7 +8,9 @@
     4. every exit is scored on the local validation split: the exit votes and the per-layer
        importance (how far each layer's LoRA update moved);
     5. only the tensors that trained go back (the window's LoRA tensors and the exit adapters
-       used), with the votes, the window and the measured memory of the job.
+       used), clipped (and in local mode noised) when the instruction asks for differential
+       privacy (federation.privacy.privatize), with the votes, the window and the measured
+       memory of the job.
 
 No Flower types here: the instruction and the reply are the protocol's dataclasses, and their
 conversion to records is the protocol's. `edge_evaluate` scores the global adapter on the
@@ -34,6 +36,7 @@ from edgecore.evaluate import evaluate
 from edgecore.experiment import Experiment
 from edgecore.profiles import DeviceProfile
 from edgecore.tuning import adaptive
+from federation.privacy import privatize
 from federation.protocol import BUDGET_MB, COMPRESSED, JOB_PEAK_MB, EvaluateReply, TrainInstruction, TrainReply
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,7 @@ def edge_round(experiment: Experiment, client: ClientData, device: Device, instr
     trained_exits = {record["exit"] for record in result.history}
     arrays = {k: v for k, v in wire.adapter_arrays(dev.model).items() if wire.layer_of(k) in trained_layers}
     arrays.update({k: v for k, v in wire.exit_arrays(dev.exits).items() if wire.layer_of(k) in trained_exits})
+    arrays = privatize(arrays, global_arrays, instruction.dp)  # its delta from what it received, at its rank
     metrics = {
         **round_metrics(result.report, started, weights_mb, rss_before, arrays, global_arrays, client),
         "estimate-mb": dev.depth.estimate_mb,

@@ -26,6 +26,7 @@ from edgecore.finetune import LoraSettings, add_lora, train
 from edgecore.allocator import HEAP_THRESHOLD_BYTES, limit_heap_fragmentation
 from edgecore.memory import MIB
 from edgecore.tuning.adaptive import stored_weight_bytes
+from federation.privacy import DpSettings, privatize
 from federation.protocol import BYTES_DOWN, BYTES_UP, JOB_PEAK_MB, PARTITION_ID, PLAIN_DEVICE, TrainReply
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,11 @@ def round_metrics(report, started: float, weights_mb: float, rss_before: float,
 
 
 def local_round(
-    experiment: Experiment, client: ClientData, global_arrays: dict[str, np.ndarray], server_round: int
+    experiment: Experiment, client: ClientData, global_arrays: dict[str, np.ndarray], server_round: int,
+    dp: DpSettings | None = None,
 ) -> TrainReply:
-    """Train the global adapter on this client's partition; the reply holds the new adapter and the metrics."""
+    """Train the global adapter on this client's partition; the reply holds the new adapter and the metrics,
+    the adapter clipped (and in local mode noised) when `dp` (the instruction's) says so."""
     started = time.perf_counter()
     dataset, samples = partition_of(client, experiment.seed)
     model, tokenizer = _model(experiment.model, experiment.lora(), experiment.seed)
@@ -90,7 +93,7 @@ def local_round(
     rss_before = measure.rss_mb()
     report = train(model, encoder, list(samples), settings, progress=False)
     weights_mb = stored_weight_bytes(model) / MIB
-    arrays = wire.adapter_arrays(model)
+    arrays = privatize(wire.adapter_arrays(model), global_arrays, dp)
     metrics = round_metrics(report, started, weights_mb, rss_before, arrays, global_arrays, client)
     log.info("round %d partition %d: loss %.3f -> %.3f in %.1f s", server_round, client.partition_id,
              metrics["first-loss"], metrics["train-loss"], metrics["round-s"])

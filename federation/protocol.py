@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 
 from edgecore import wire
 from edgecore.errors import EdgecoreError
+from federation.privacy import DpSettings, mode_problem, nonnegative_problem
 from federation.records import from_record, to_metrics, to_record
 from federation.validation import (
     device_name, finite_number, flag, fraction, nonnegative_list, positive_integer, positive_number, report_problems,
@@ -54,6 +55,10 @@ SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-rounds"
 EXIT_WEIGHTS = "exit-weights"
 ASSIGNED_EXIT = "assigned-exit"
+# Client-level differential privacy (federation.privacy.DpSettings); absent or "off": none.
+DP_MODE = "dp-mode"
+DP_CLIP_NORM = "dp-clip-norm"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
 
 # A reply's metric keys that the server reads (every other metric is the client's report).
 NUM_EXAMPLES = "num-examples"
@@ -186,6 +191,7 @@ class TrainInstruction:
     num_rounds: int | None = None
     exit_weights: tuple[float, ...] | None = None  # the global exit weights; None before the first votes
     assigned_exit: int | None = None  # the exit whose window to train; None: the client's adaptive choice
+    dp: DpSettings | None = None  # clip (and in local mode noise) the update before replying; None: as it is
 
     def to_records(self) -> RecordDict:
         config: dict = {SERVER_ROUND: int(self.server_round)}
@@ -195,6 +201,9 @@ class TrainInstruction:
             config[EXIT_WEIGHTS] = [float(w) for w in self.exit_weights]
         if self.assigned_exit is not None:
             config[ASSIGNED_EXIT] = int(self.assigned_exit)
+        if self.dp is not None:
+            config.update({DP_MODE: self.dp.mode, DP_CLIP_NORM: float(self.dp.clip_norm),
+                           DP_NOISE_MULTIPLIER: float(self.dp.noise_multiplier)})
         return RecordDict({ARRAYS: to_record(self.arrays), CONFIG: ConfigRecord(config)})
 
     def to_message(self, node_id: int) -> Message:
@@ -213,7 +222,21 @@ class TrainInstruction:
             arrays=arrays, server_round=int(server_round), num_rounds=int(num_rounds) if num_rounds is not None else None,
             exit_weights=tuple(float(w) for w in weights) if weights else None,
             assigned_exit=int(exit_layer) if exit_layer is not None and exit_layer >= 0 else None,
+            dp=cls._dp(config, f"{what} config"),
         )
+
+    @staticmethod
+    def _dp(config: Mapping, what: str) -> DpSettings | None:
+        """The privacy settings: none without dp-mode or with "off"; else the clip norm and noise multiplier too."""
+        mode = _checked(config, DP_MODE, mode_problem, what)
+        if mode is None or mode == "off":
+            return None
+        clip = _checked(config, DP_CLIP_NORM, positive_number, what, required=True)
+        noise = _checked(config, DP_NOISE_MULTIPLIER, nonnegative_problem, what, required=True)
+        try:
+            return DpSettings(mode, float(clip), float(noise))
+        except EdgecoreError as err:
+            raise ProtocolError(f"{what}: {err}") from None
 
     @classmethod
     def from_message(cls, message: Message) -> "TrainInstruction":

@@ -89,6 +89,16 @@ def partial_average(
     return averaged, contributors
 
 
+def holder_counts(global_arrays: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per tensor somebody sent: how many updates hold each element (the mask partial_average weighs by)."""
+    counts: dict[str, np.ndarray] = {}
+    for arrays in updates:
+        for name, value in arrays.items():
+            reference = global_arrays[name]
+            counts.setdefault(name, np.zeros(reference.shape, dtype=np.int64))[_held_index(name, np.asarray(value), reference)] += 1
+    return counts
+
+
 # --- Server optimizers --------------------------------------------------------------------
 
 

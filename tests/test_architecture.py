@@ -30,8 +30,8 @@ LAYERS = [
                     "edgecore.schedule.planner", "edgecore.schedule.streaming", "edgecore.schedule.workload"]),
     ("device", ["edgecore.device_store", "edgecore.device"]),
     ("edgecore command line", ["edgecore.cli", "edgecore.schedule.cli", "edgecore.__main__"]),
-    ("federation", ["federation", "federation.credentials", "federation.*"]),
-    ("apps", ["client", "client.*", "server", "server.*"]),
+    ("federation", ["federation", "federation.credentials", "federation.privacy", "federation.*"]),
+    ("apps", ["client", "client.*", "server", "server.*", "server.privacy"]),
     ("simulations", ["simulations", "simulations.*"]),
 ]
 # Command-line entry points may import lazily, to start fast; nothing else may.
