@@ -35,8 +35,8 @@ Local mode (dp-mode = "local")
     Each client clips and adds N(0, (z*C)^2) to every element it sends (`privatize`), with
     noise drawn from the operating system's entropy, so nobody else can reproduce and remove
     it. Its reply is private on its own; whatever the server does with it (any average, any
-    filter, the server optimizer) is post-processing. Noise does not shrink with the number
-    of clients here: the mean of n local updates has noise std z*C/sqrt(n).
+    filter, the server optimizer) is post-processing. The price: the mean of n local updates
+    carries noise of std z*C/sqrt(n), not the central mode's z*C/n.
 
 Neighbouring relation and accounting (server.privacy.PrivacyLedger)
     Neighbouring federations differ in one client's whole data (replace-one, client level).
