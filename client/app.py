@@ -60,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_message(msg)
     if device is None:
         lora, _exits = wire.split_exits(instruction.arrays)
-        reply = local_round(experiment, client, lora, instruction.server_round)
+        reply = local_round(experiment, client, lora, instruction.server_round, dp=instruction.dp)
     else:
         reply = edge_round(experiment, client, device, instruction)
     return Message(content=reply.to_records(), reply_to=msg)

@@ -130,14 +130,13 @@ class Experiment:
             self._check_central_privacy()
 
     def _check_central_privacy(self) -> None:
-        """Central DP bounds each client's share of the equal-weight sum; a rule coupling clients breaks the bound."""
+        """Central DP bounds each client's share of the equal-weight sum; a rule coupling clients breaks the bound.
+
+        So the server applies neither max-update-norm-ratio nor max-weight-ratio in central mode (the
+        clip bounds every update, and every weight is 1); an explicit robust average is refused."""
         if self.average != "weighted-mean":
             raise EdgecoreError(f"dp-mode = \"central\" averages with equal weights and noise (server.privacy); "
                                 f"average = {self.average!r} has no bounded sensitivity: set average = \"weighted-mean\"")
-        if self.max_update_norm_ratio != 0:
-            raise EdgecoreError(f"dp-mode = \"central\" needs max-update-norm-ratio = 0 (it is {self.max_update_norm_ratio:g}): "
-                                "dropping updates against the round's median lets one client's data decide whether "
-                                "another's counts")
         if self.dp_clip_norm > self.max_update_norm:
             raise EdgecoreError(f"dp-clip-norm = {self.dp_clip_norm:g} exceeds max-update-norm = {self.max_update_norm:g}: "
                                 "clipped updates would be rejected; lower dp-clip-norm or raise max-update-norm")

@@ -20,7 +20,9 @@ from federation.records import from_record, to_metrics, to_record
 from server.aggregation import ServerOptimizer
 from server.evaluation import GlobalModel
 from server.run_folder import RunFolder, clients_within_budget, contribution
-from server.strategy import FleetStrategy
+from federation.privacy import DpSettings
+from server.privacy import PrivacyLedger
+from server.strategy import FleetStrategy, PrivacyBudgetSpent
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ def main(grid: Grid, context: Context) -> None:
         max_weight_ratio=experiment.max_weight_ratio,
         average=experiment.average,
         trim_fraction=experiment.trim_fraction,
+        privacy=DpSettings.of(experiment),
+        privacy_ledger=PrivacyLedger.for_experiment(experiment, population=experiment.min_clients),
         keep_updates=experiment.save_client_updates,
         fraction_train=experiment.fraction_train,
         # The dense base is evaluated here; with the edge pipeline every client also scores
@@ -77,6 +81,8 @@ def main(grid: Grid, context: Context) -> None:
             "assigned_exits": {str(n): e for n, e in strategy.round_assignments.get(server_round, {}).items()},
             "exit_weights": strategy.exit_weights,
         }
+        if server_round in strategy.round_privacy:
+            record["privacy"] = strategy.round_privacy[server_round]
         run.add_round(record)
         folder = run.checkpoint_dir(server_round)
         global_model.save(adapter, folder / "adapter")
@@ -87,20 +93,27 @@ def main(grid: Grid, context: Context) -> None:
         round_started[0] = time.perf_counter()
         return to_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_record(initial),
-        num_rounds=experiment.num_rounds,
-        train_config=ConfigRecord({protocol.NUM_ROUNDS: experiment.num_rounds}),
-        evaluate_fn=evaluate_and_record,
-    )
-    final = from_record(result.arrays) or initial  # no round produced an update: the initial adapter stands
+    status, stopped = "completed", None
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=to_record(initial),
+            num_rounds=experiment.num_rounds,
+            train_config=ConfigRecord({protocol.NUM_ROUNDS: experiment.num_rounds}),
+            evaluate_fn=evaluate_and_record,
+        )
+        final = from_record(result.arrays) or initial  # no round produced an update: the initial adapter stands
+    except PrivacyBudgetSpent as spent:  # before the round's instructions went out: its global adapter stands
+        log.warning("%s", spent)
+        status, stopped, final = "stopped-privacy-budget", str(spent), strategy.global_arrays
     global_model.save(final, run.path / "adapter")
     first, last = run.rounds[0], run.rounds[-1]
     share = contribution(run.rounds)
     run.write_summary({
-        "status": "completed",
+        "status": status,
+        **({"stopped": stopped} if stopped else {}),
         "rounds": experiment.num_rounds,
+        "rounds_run": len(run.rounds) - 1,
         "wall_s": time.perf_counter() - started,
         "metric_per_round": {r["round"]: r.get("test_accuracy", r["test_perplexity"]) for r in run.rounds},
         "initial": {k: v for k, v in first.items() if k.startswith("test_")},
@@ -112,6 +125,8 @@ def main(grid: Grid, context: Context) -> None:
         "clients_within_budget": clients_within_budget(run.rounds),
         "all_clients_contributed": share["all_contributed"],
         "contribution": {k: share[k] for k in ("expected", "contributed", "fraction", "missing")},
+        **({"privacy": {**strategy.round_privacy[max(strategy.round_privacy)]} if strategy.round_privacy
+            else {"mode": experiment.dp_mode, "epsilon": 0.0}} if experiment.dp_mode != "off" else {}),
     })
     log.info("done: %s -> %s; run folder %s", _short(first), _short(last), run.path)
 

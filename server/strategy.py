@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+
+import numpy as np
 from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -44,7 +46,9 @@ from edgecore import wire
 from edgecore.errors import EdgecoreError
 from edgecore.experiment import AVERAGES
 from federation.validation import tensors_of_window
+from federation.privacy import DpSettings, noisy_norm_limit
 from server import aggregation, robust
+from server.privacy import PrivacyLedger, private_average
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,8 @@ class FleetStrategy(FedAvg):
 
     def __init__(self, *, exits: tuple[int, ...], layers: int, optimizer: aggregation.ServerOptimizer,
                  max_update_norm: float, max_update_norm_ratio: float = 5.0, max_weight_ratio: float = 3.0,
-                 average: str = "weighted-mean", trim_fraction: float = 0.2, keep_updates: bool = False, **kwargs):
+                 average: str = "weighted-mean", trim_fraction: float = 0.2, keep_updates: bool = False,
+                 privacy: DpSettings | None = None, privacy_ledger: PrivacyLedger | None = None, **kwargs):
         super().__init__(weighted_by_key=protocol.NUM_EXAMPLES, arrayrecord_key=protocol.ARRAYS,
                          configrecord_key=protocol.CONFIG, **kwargs)
         if average not in AVERAGES:
@@ -67,6 +72,14 @@ class FleetStrategy(FedAvg):
         self.max_update_norm_ratio = max_update_norm_ratio  # server.robust.outliers; 0 = off
         self.max_weight_ratio = max_weight_ratio  # server.robust.bounded_weights; 0 = off
         self.average, self.trim_fraction = average, trim_fraction
+        # Client-level DP (server.privacy): every instruction carries the settings; in central mode the
+        # clip replaces the median-relative rules (a rule coupling clients has no bounded sensitivity)
+        # and the noisy equal-weight average replaces the weighted one. The noise is drawn from the
+        # operating system's entropy, never from the run's public seed.
+        self.privacy, self.privacy_ledger = privacy, privacy_ledger
+        self.noise = np.random.default_rng()
+        self.available = 0  # the connected nodes this round sampled from (the ledger's event)
+        self.round_privacy: dict[int, dict] = {}  # round -> epsilon spent so far and the settings
         self.keep_updates = keep_updates
         self.global_arrays: dict = {}
         self.round_updates: dict[int, dict[int, dict]] = {}  # round -> node -> arrays, when kept
@@ -89,6 +102,9 @@ class FleetStrategy(FedAvg):
     def configure_train(self, server_round, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         self.global_arrays = from_record(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.available = max(len(list(grid.get_node_ids())), len(messages))
+        if self.privacy_ledger is not None and messages and self.privacy_ledger.would_exceed(len(messages), self.available):
+            raise PrivacyBudgetSpent(server_round, self.privacy_ledger)
         known = {m.metadata.dst_node_id: self.nodes[m.metadata.dst_node_id]["window"] for m in messages
                  if self.nodes.get(m.metadata.dst_node_id, {}).get("window")}
         self.assigned = self.ledger.assign_windows(known, self.exits, self.exit_weights) if known and self.exits else {}
@@ -106,6 +122,7 @@ class FleetStrategy(FedAvg):
             num_rounds=int(num_rounds) if num_rounds is not None else None,
             exit_weights=tuple(self.exit_weights) if self.exit_weights is not None else None,
             assigned_exit=self.assigned.get(node),
+            dp=self.privacy,
         ).to_message(node)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -135,11 +152,12 @@ class FleetStrategy(FedAvg):
                 dropped.append(self._dropped(server_round, node, cause, reasons))
                 continue
             screened.append((node, device, parsed, *parsed.change(self.global_arrays)))
-        accepted = self._without_outliers(server_round, screened, dropped)
+        accepted = screened if self._central else self._without_outliers(server_round, screened, dropped)
         for node in sampled:
             if node not in answered:
                 dropped.append(self._dropped(server_round, node, "no-reply", ["no reply before the round's timeout"]))
-        weights = robust.bounded_weights([float(parsed.num_examples) for _, _, parsed, *_ in accepted], self.max_weight_ratio)
+        claims = [float(parsed.num_examples) for _, _, parsed, *_ in accepted]
+        weights = [1.0] * len(claims) if self._central else robust.bounded_weights(claims, self.max_weight_ratio)
         self.round_clients[server_round] = [self._accept(server_round, *entry, weight) for entry, weight in zip(accepted, weights)]
         self.round_dropped[server_round] = dropped
         if not accepted:
@@ -149,6 +167,7 @@ class FleetStrategy(FedAvg):
         averaged, contributors = self._average([(reply.arrays, weight) for reply, weight in zip(updates, weights)])
         new_global = self.optimizer.step(self.global_arrays, averaged, contributors)
         self._learn_from_votes(updates, weights)
+        self._account(server_round, len(sampled))
         trained = sum(1 for n in contributors.values() if n)
         log.info("round %d: %d updates, %d of %d tensors trained", server_round, len(accepted), trained, len(contributors))
         return to_record(new_global), MetricRecord({"clients": len(accepted), "tensors-trained": trained})
@@ -179,8 +198,27 @@ class FleetStrategy(FedAvg):
         return {**parsed.metrics(), "node_id": node, "device": device, "assigned_exit": self.assigned.get(node),
                 "weight": weight, "update_norm": norm, "update_rms": rms}
 
+    @property
+    def _central(self) -> bool:
+        return self.privacy is not None and self.privacy.mode == "central"
+
+    def _account(self, server_round: int, sampled: int) -> None:
+        """A round that released an aggregate spends privacy: its epsilon so far goes in the round's record."""
+        ledger = self.privacy_ledger
+        if ledger is None:
+            return
+        # FedAvg samples only once min-clients (the ledger's population) are connected.
+        epsilon = ledger.record_round(max(sampled, 1), max(self.available, sampled, ledger.population))
+        delta = ledger.config.target_delta
+        self.round_privacy[server_round] = {
+            "mode": self.privacy.mode, "epsilon": epsilon, "delta": delta, "rounds": ledger.accountant.num_releases,
+            "noise_multiplier": self.privacy.noise_multiplier, "clip_norm": self.privacy.clip_norm}
+        log.info("round %d: privacy spent so far: epsilon %.4g at delta %g", server_round, epsilon, delta)
+
     def _average(self, updates: list[tuple[dict, float]]) -> tuple[dict, dict[str, int]]:
         """The round's merged update, element by element over the clients holding each element."""
+        if self._central:
+            return private_average(self.global_arrays, [arrays for arrays, _ in updates], self.privacy, self.noise)
         if self.average == "median":
             return robust.coordinate_median(self.global_arrays, [arrays for arrays, _ in updates])
         if self.average == "trimmed-mean":
@@ -200,7 +238,10 @@ class FleetStrategy(FedAvg):
             return None, [str(err)]
         except Exception as err:  # a remote device's bytes: whatever they make a library raise drops the reply, not the run
             return None, [f"unreadable reply ({type(err).__name__}: {str(err)[:300]})"]
-        expected = Expectation(global_arrays=self.global_arrays, max_update_norm=self.max_update_norm,
+        limit = self.max_update_norm
+        if self.privacy is not None and self.privacy.mode == "local":  # an honest noisy update is this far, no further
+            limit = max(limit, noisy_norm_limit(self.privacy, sum(int(np.size(a)) for a in reply.arrays.values())))
+        expected = Expectation(global_arrays=self.global_arrays, max_update_norm=limit,
                                exits=len(self.exits), layers=self.ledger.layers)
         if node in self.assigned:
             exit_layer, depth = self.assigned[node], self.nodes[node]["window"]  # a reply of another depth is refused
@@ -267,3 +308,12 @@ def _last_line(reason: str) -> str:
     """A client's exception arrives with the whole remote traceback; its last line says what went wrong."""
     lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
     return lines[-1][:500] if lines else str(reason)
+
+
+class PrivacyBudgetSpent(EdgecoreError):
+    """The next round would take the run's epsilon past dp-max-epsilon: the run ends before it, cleanly."""
+
+    def __init__(self, server_round: int, ledger: PrivacyLedger):
+        self.server_round, self.epsilon, self.budget = server_round, ledger.epsilon, ledger.config.max_epsilon
+        super().__init__(f"stopped before round {server_round}: it would take epsilon past dp-max-epsilon = "
+                         f"{self.budget:g} (spent {self.epsilon:.4g} at delta {ledger.config.target_delta:g})")

@@ -121,10 +121,13 @@ def test_simulation_averages_client_updates_weighted_by_examples():
     assert all(sorted(r["sampled"]) == sorted(c["node_id"] for c in r["clients"]) for r in rounds[1:])
     assert all(c["bytes-up"] > 0 and c["peak-rss-mb"] > 0 for r in rounds[1:] for c in r["clients"])
 
-    # The round-1 global adapter is the example-weighted mean of the updates the server kept.
+    # The round-1 global adapter is the example-weighted mean of the updates the server kept, each
+    # claim capped at max-weight-ratio (3) times the smaller one.
     saved = load_file(run / "checkpoints" / "round-1" / "adapter" / "adapter_model.safetensors")
     start = load_file(run / "checkpoints" / "round-0" / "adapter" / "adapter_model.safetensors")
-    weights = {c["node_id"]: c["num-examples"] for c in rounds[1]["clients"]}
+    weights = {c["node_id"]: c["weight"] for c in rounds[1]["clients"]}
+    claims = [c["num-examples"] for c in rounds[1]["clients"]]
+    assert sorted(weights.values()) == sorted(min(n, 3 * min(claims)) for n in claims)
     assert len(set(weights.values())) == 2  # Dirichlet shares differ, so weighting matters
     updates = {node: load_file(run / "checkpoints" / "round-1" / "clients" / f"node-{node}.safetensors") for node in weights}
     total = sum(weights.values())

@@ -2,12 +2,16 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from hypothesis import given, settings, strategies as st
+from safetensors.numpy import load_file
 
 from client.plain_round import ClientData, local_round
 from edgecore import models, wire
@@ -20,7 +24,10 @@ from federation.protocol import DP_CLIP_NORM, DP_MODE, CONFIG, ProtocolError, Tr
 from federation.validation import update_distance, update_problems
 from server.aggregation import holder_counts, partial_average
 from server.privacy import PrivacyLedger, private_average
+from conftest import needs_bbc
 from test_aggregation import adapter
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FAST = settings(max_examples=40, deadline=None)
 GLOBAL_RANK = 4
@@ -232,10 +239,9 @@ def test_the_ledger_follows_the_experiment_and_refuses_bad_settings():
     (dict(dp_delta=1.0), "dp-delta = 1.0 must be in \\(0, 1\\)"),
     (dict(dp_max_epsilon=-2.0), "dp-max-epsilon = -2.0 must be >= 0"),
     (dict(dp_mode="local"), "dp-mode = 'local' needs dp-noise-multiplier > 0"),
-    (dict(dp_mode="central", dp_noise_multiplier=1.0), "needs max-update-norm-ratio = 0"),
-    (dict(dp_mode="central", dp_noise_multiplier=1.0, max_update_norm_ratio=0.0, average="median"),
+    (dict(dp_mode="central", dp_noise_multiplier=1.0, average="median"),
      "set average = \"weighted-mean\""),
-    (dict(dp_mode="central", dp_noise_multiplier=1.0, max_update_norm_ratio=0.0, dp_clip_norm=200.0),
+    (dict(dp_mode="central", dp_noise_multiplier=1.0, dp_clip_norm=200.0),
      "dp-clip-norm = 200 exceeds max-update-norm = 100"),
 ])
 def test_experiment_refuses_bad_privacy_settings_naming_the_key(kwargs, message):
@@ -244,7 +250,7 @@ def test_experiment_refuses_bad_privacy_settings_naming_the_key(kwargs, message)
 
 
 def test_privacy_keys_round_trip_through_the_run_config():
-    experiment = Experiment(fleet="", dp_mode="central", dp_noise_multiplier=1.1, max_update_norm_ratio=0.0)
+    experiment = Experiment(fleet="", dp_mode="central", dp_noise_multiplier=1.1)
     config = experiment.as_run_config()
     assert (config["dp-mode"], config["dp-noise-multiplier"], config["dp-max-epsilon"]) == ("central", 1.1, 0.0)
     assert Experiment.from_mapping(config) == experiment
@@ -299,3 +305,54 @@ def _initial_adapter(experiment: Experiment) -> dict:
     model, _ = models.load(experiment.model, seed=experiment.seed)
     return wire.adapter_arrays(add_lora(model, experiment.lora()))
 
+
+
+# --- A private run, end to end ---------------------------------------------------------------
+
+
+def _accountant_epsilons(z: float, sampled: int, population: int, rounds: int, delta: float) -> list[float]:
+    """Flower's RdpAccountant on the same events, by hand: round r's epsilon so far at delta."""
+    accountant = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
+                                             neighboring_relation=NeighboringRelation.REPLACE_ONE,
+                                             sampling_method=SamplingMethod.WITHOUT_REPLACEMENT))
+    epsilons = []
+    for _ in range(rounds):
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=z / 2, sample_size=sampled, population_size=population))
+        epsilons.append(accountant.get_epsilon(delta))
+    return epsilons
+
+
+@needs_bbc
+def test_a_central_dp_simulation_reports_the_accountants_epsilon_and_stops_before_passing_its_budget(tmp_path):
+    z, clip, delta = 4.0, 0.05, 1e-5
+    expected = _accountant_epsilons(z, 2, 2, 3, delta)
+    budget = (expected[1] + expected[2]) / 2  # room for two rounds, not three
+    config = {"model": "tiny-micro", "num-rounds": 3, "local-steps": 2, "batch-size": 4, "seq-len": 160, "min-clients": 2,
+              "eval-samples": 16, "lora-r": 4, "partition": "iid", "pipeline": "plain", "fleet": "", "save-client-updates": True,
+              "run-dir": str(tmp_path / "runs"), "dp-mode": "central", "dp-clip-norm": clip, "dp-noise-multiplier": z,
+              "dp-delta": delta, "dp-max-epsilon": budget}
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+    done = subprocess.run([sys.executable, "-m", "simulations.simulate", "--num-clients", "2", "-c", overrides],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["status"] == "finished:completed"  # a budget stop is a clean end, not a failure
+    run = Path(outcome["run_folder"])
+    rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [r["privacy"]["epsilon"] for r in rounds[1:]] == pytest.approx(expected[:2], rel=1e-9)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "stopped-privacy-budget" and "before round 3" in summary["stopped"]
+    assert summary["rounds_run"] == 2 and summary["privacy"]["epsilon"] == pytest.approx(expected[1], rel=1e-9)
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+
+    # Round 1: every client's update is clipped to C; the global adapter is their equal-weight mean plus N(0, (zC/2)^2).
+    start = load_file(run / "checkpoints" / "round-0" / "adapter" / "adapter_model.safetensors")
+    saved = load_file(run / "checkpoints" / "round-1" / "adapter" / "adapter_model.safetensors")
+    updates = [load_file(path) for path in sorted((run / "checkpoints" / "round-1" / "clients").glob("*.safetensors"))]
+    assert len(updates) == 2 and all(c["weight"] == 1.0 for c in rounds[1]["clients"])
+    for update in updates:
+        norm = math.sqrt(sum(float(np.square(update[k].astype(np.float64) - start[k]).sum()) for k in start))
+        assert norm <= clip * (1 + 1e-5)
+    residual = np.concatenate([(saved[k].astype(np.float64) - (updates[0][k] + updates[1][k]) / 2).ravel() for k in saved])
+    assert residual.size > 5000 and np.std(residual) == pytest.approx(z * clip / 2, rel=0.05)
