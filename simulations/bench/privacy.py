@@ -48,7 +48,7 @@ from simulations.bench import benchmark, target
 from simulations.bench.fleet import simulate_fleet
 
 ROUNDS = 3
-NOISE_MULTIPLIERS = (0.1, 0.5)
+NOISE_MULTIPLIERS = (0.3, 1.0)
 DELTA = 1e-5
 
 
