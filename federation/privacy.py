@@ -76,6 +76,7 @@ from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_std
 from edgecore.errors import EdgecoreError
 from edgecore.experiment import DP_MODES, Experiment
 from edgecore.wire import Arrays, rank_axis, rank_slice
+from federation.validation import nonnegative_number, positive_number
 
 MODES = tuple(mode for mode in DP_MODES if mode != "off")  # what a DpSettings may say
 # A local update's noise norm exceeds sqrt(elements) * z * C by this many std at probability
@@ -94,9 +95,9 @@ class DpSettings:
     def __post_init__(self):
         if self.mode not in MODES:
             raise EdgecoreError(f"dp-mode = {self.mode!r}; a private round is one of {', '.join(MODES)}")
-        if positive_problem(self.clip_norm):
-            raise EdgecoreError(f"dp-clip-norm = {self.clip_norm!r}: {positive_problem(self.clip_norm)}")
-        problem = (positive_problem if self.mode == "local" else nonnegative_problem)(self.noise_multiplier)
+        if positive_number(self.clip_norm):
+            raise EdgecoreError(f"dp-clip-norm = {self.clip_norm!r}: {positive_number(self.clip_norm)}")
+        problem = (positive_number if self.mode == "local" else nonnegative_number)(self.noise_multiplier)
         if problem:
             raise EdgecoreError(f"dp-noise-multiplier = {self.noise_multiplier!r} (dp-mode {self.mode!r}): {problem}")
 
@@ -116,20 +117,8 @@ class DpSettings:
 # --- Checks of one value ("" when fine; federation.protocol names the key) -----------------
 
 
-def _finite(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
-
-
 def mode_problem(value) -> str:
     return "" if isinstance(value, str) and value in DP_MODES else f"expected one of {', '.join(DP_MODES)}"
-
-
-def positive_problem(value) -> str:
-    return "" if _finite(value) and value > 0 else "expected a finite number > 0"
-
-
-def nonnegative_problem(value) -> str:
-    return "" if _finite(value) and value >= 0 else "expected a finite number >= 0"
 
 
 # --- The clip -----------------------------------------------------------------------------

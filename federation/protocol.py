@@ -37,10 +37,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 
 from edgecore import wire
 from edgecore.errors import EdgecoreError
-from federation.privacy import DpSettings, mode_problem, nonnegative_problem
+from federation.privacy import DpSettings, mode_problem
 from federation.records import from_record, to_metrics, to_record
 from federation.validation import (
-    device_name, finite_number, flag, fraction, nonnegative_list, positive_integer, positive_number, report_problems,
+    device_name, finite_number, flag, fraction, nonnegative_list, nonnegative_number, positive_integer, positive_number, report_problems,
     step_counts, update_distance, update_problems,
 )
 
@@ -232,7 +232,7 @@ class TrainInstruction:
         if mode is None or mode == "off":
             return None
         clip = _checked(config, DP_CLIP_NORM, positive_number, what, required=True)
-        noise = _checked(config, DP_NOISE_MULTIPLIER, nonnegative_problem, what, required=True)
+        noise = _checked(config, DP_NOISE_MULTIPLIER, nonnegative_number, what, required=True)
         try:
             return DpSettings(mode, float(clip), float(noise))
         except EdgecoreError as err:

@@ -4,7 +4,7 @@
 calls the number checks on its own inputs too, so a value is judged by one rule wherever it
 is read.
 
-- `positive_number`, `positive_integer`, `finite_number`, `fraction`, `flag`, `nonnegative_list`,
+- `positive_number`, `nonnegative_number`, `positive_integer`, `finite_number`, `fraction`, `flag`, `nonnegative_list`,
   `step_counts`, `device_name`: one value a reply carries ("" when it is fine, else what was
   expected; federation.protocol names the key);
 - `report_problems`: the free-form part of a reply (its measurements), which the run folder
@@ -59,6 +59,10 @@ def _bounded(value) -> bool:
 def positive_number(value) -> str:
     """Empty when `value` is a finite number > 0, else what was expected (so for every check below)."""
     return "" if _bounded(value) and value > 0 else f"expected a finite number > 0 and <= {MAX_MAGNITUDE:.0e}"
+
+
+def nonnegative_number(value) -> str:
+    return "" if _bounded(value) and value >= 0 else f"expected a finite number >= 0 and <= {MAX_MAGNITUDE:.0e}"
 
 
 def finite_number(value) -> str:

@@ -125,7 +125,7 @@ def security_from(args) -> Security:
         raise EdgecoreError(f"TLS needs all three files: {', '.join(missing)} missing (or pass --certificates DIR)")
     else:
         raise EdgecoreError("the server needs TLS certificates or an explicit --insecure: make them with "
-                            f"`python -m server certs --host THIS_HOST --out certs` and pass --certificates certs "
+                            "`python -m server certs --host THIS_HOST --out certs` and pass --certificates certs "
                             "(devices get certs/ca.crt), or pass --insecure for plain HTTP on a network you trust")
     credentials.check_server_files(tls, args.host)
     return Security(tls, credentials.read_device_keys(args.device_keys) if args.device_keys else None)
