@@ -5,7 +5,7 @@
       rounds.jsonl         one line per round (round 0 = before any training): `sampled` (the nodes sent
                            the round's instruction), `clients` (those whose update was accepted),
                            `dropped` (the others: node_id, device when known, cause: error,
-                           rejected or no-reply, reason), ...
+                           rejected or no-reply, reason), `privacy` (epsilon so far, under DP), ...
       checkpoints/round-N/ adapter/ (PEFT format) and state.json (round, metrics, config);
                            with save-client-updates, clients/node-ID.safetensors too
       adapter/             the final global adapter, loadable with PeftModel.from_pretrained
@@ -146,8 +146,9 @@ class RoundPrinter:
             metric = f"accuracy {r['test_accuracy']:.1%}" if "test_accuracy" in r else f"perplexity {r['test_perplexity']:.2f}"
             share = contribution([r])["per_round"].get(r["round"])
             who = f"{len(share['clients'])} of {share['of']} contributed, " if share else ""
+            privacy = f", epsilon {r['privacy']['epsilon']:.3g} so far" if "privacy" in r else ""
             print(f"round {r['round']}: test {metric} (n={r['test_n']}), {who}{r['round_s']:.1f} s, "
-                  f"{r['bytes_up'] / 1e6:.2f} MB up", flush=True)
+                  f"{r['bytes_up'] / 1e6:.2f} MB up{privacy}", flush=True)
             for m in share["missing"] if share else []:
                 print(f"  did not contribute: {m['device'] or 'device unknown'} (node {m['node_id']}), {m['cause']}: "
                       f"{m['reason']}", flush=True)

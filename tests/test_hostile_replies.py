@@ -288,3 +288,23 @@ def test_a_claimed_test_count_cannot_capture_the_fleet_accuracy():
     hostile = _evaluation(HOSTILE, {protocol.NUM_EXAMPLES: 1e12, protocol.ACCURACY: 1.0})
     result = strategy.aggregate_evaluate(1, [*honest, hostile])
     assert result[protocol.ACCURACY] == pytest.approx((3 * 10 * 0.5 + 20 * 1.0) / 50)
+
+
+def test_under_local_dp_honest_noisy_updates_pass_and_a_round_spends_the_ledgers_epsilon():
+    from federation.privacy import DpSettings, privatize
+    from server.privacy import PrivacyLedger
+
+    dp = DpSettings("local", clip_norm=0.05, noise_multiplier=1.0)
+    ledger = PrivacyLedger("local", 1.0, population=3)
+    strategy = _strategy(privacy=dp, privacy_ledger=ledger)
+    g = strategy.global_arrays
+    noisy = [_reply(n, _content(privatize(_honest_arrays(n, g), g, dp, np.random.default_rng(n)), _honest_metrics(n)))
+             for n in HONEST]
+    _round(strategy, noisy)
+    assert [c["node_id"] for c in strategy.round_clients[1]] == list(HONEST) and not strategy.round_dropped[1]
+    assert strategy.round_privacy[1]["epsilon"] == PrivacyLedger("local", 1.0, population=3).record_round(3)
+    # Noise does not hide an update far beyond an honest noisy one.
+    far = {k: v + 10.0 for k, v in g.items()}
+    strategy = _strategy(privacy=dp, privacy_ledger=PrivacyLedger("local", 1.0, population=3))
+    _round(strategy, noisy[:2] + [_reply(HOSTILE, _content(far, _honest_metrics(HOSTILE)))])
+    assert [d["node_id"] for d in strategy.round_dropped[1]] == [HOSTILE]
