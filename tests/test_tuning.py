@@ -114,6 +114,18 @@ def test_votes_and_importance_are_normalised():
     assert layer_importance({0: zero, 1: zero}, {0: moved, 1: zero}, 3) == [1.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("share", [1, 2, 3])
+def test_a_validation_share_of_one_label_votes_uniformly_instead_of_dividing_by_zero(share):
+    from edgecore.tuning.voting import exit_scores
+
+    model, _tok, dataset, encoder, _batch = _setup()
+    one_label = [s for s in dataset.validation if s.response == WORDS[0]][:share]
+    exits = Exits(default_exits(6), 256, rank=4)
+    scores = exit_scores(add_lora(model, LORA), exits, encoder, one_label)
+    assert all(s["chance"] == 1.0 and s["n"] == len(one_label) for s in scores.values())
+    assert exit_votes(scores) == pytest.approx([0.25] * 4)
+
+
 def test_the_bar_is_the_majority_label_when_it_beats_uniform_guessing():
     from edgecore.data import Sample
     from edgecore.tuning.voting import guess_rate

@@ -80,10 +80,16 @@ def exit_quality(score: dict) -> float:
     With the sample count `n`, the margin over chance must also exceed one standard error of a
     guesser's accuracy, sqrt(c(1-c)/n): on 16 validation articles a guessing exit scores 31%
     against 20% chance now and then, and would otherwise win a fifth of the vote.
+
+    A share of one label (chance 1, normal for a device's few validation samples) cannot tell an
+    exit that reads the task from one that always answers that label: every exit gets 0, and the
+    vote is uniform, as when no exit beats chance.
     """
     if "accuracy" not in score:
         return math.exp(-min(score["loss"], 50.0))
     chance = score.get("chance", 0.0)
+    if chance >= 1:
+        return 0.0
     noise = math.sqrt(chance * (1 - chance) / score["n"]) if score.get("n") else 0.0
     return max(0.0, score["accuracy"] - chance - noise) / (1 - chance)
 
