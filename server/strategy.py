@@ -265,9 +265,12 @@ class FleetStrategy(FedAvg):
     # ------------------------------------------------------------------ evaluate
 
     def configure_evaluate(self, server_round, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
-        """Only clients with a compressed base: a dense base is what the server evaluates itself."""
+        """The clients this round sampled for training, and of those only the ones with a compressed base
+        (a dense base is what the server evaluates itself): the evaluate phase grows with the clients
+        sampled, not with the fleet (at 100 clients, 10 sampled, it asked 72-90 nodes a round)."""
         sampled = [m.metadata.dst_node_id for m in super().configure_evaluate(server_round, arrays, config, grid)]
-        nodes = [node for node in sampled if self.nodes.get(node, {}).get("compressed", True)]
+        trained = set(self.round_sampled.get(server_round, sampled))
+        nodes = [node for node in sampled if node in trained and self.nodes.get(node, {}).get("compressed", True)]
         if not nodes:
             return []
         instruction = EvaluateInstruction(from_record(arrays), server_round)
