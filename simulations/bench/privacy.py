@@ -100,6 +100,8 @@ def _targets(results: list[dict], hostile: dict) -> list[dict]:
         target("near_limit_update_moves_with_defaults_in_honest_rounds",
                hostile["just under max-update-norm"]["defaults"]["honest_rounds"], 0.01, higher_is_better=False),
         target("b_epsilon_reported", float(central["epsilon"] is not None and math.isfinite(central["epsilon"])), 1.0),
+        # A client that failed or was dropped in any run makes its comparison unfair: it fails here.
+        target("every_client_contributed_in_every_run", min(row["contributed_fraction"] for row in results), 1.0),
     ]
 
 
