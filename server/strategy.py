@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 from typing import Iterable
@@ -51,6 +52,16 @@ from server import aggregation, robust
 from server.privacy import PrivacyLedger, private_average
 
 log = logging.getLogger(__name__)
+
+
+class Screened(NamedTuple):
+    """A reply that passed the protocol's checks, with its change to the global adapter."""
+
+    node: int
+    device: str
+    reply: TrainReply
+    norm: float  # L2 over every element sent
+    rms: float  # per element: comparable between deep and shallow windows
 
 
 class FleetStrategy(FedAvg):
@@ -151,19 +162,19 @@ class FleetStrategy(FedAvg):
             if reasons:
                 dropped.append(self._dropped(server_round, node, cause, reasons))
                 continue
-            screened.append((node, device, parsed, *parsed.change(self.global_arrays)))
+            screened.append(Screened(node, device, parsed, *parsed.change(self.global_arrays)))
         accepted = screened if self._central else self._without_outliers(server_round, screened, dropped)
         for node in sampled:
             if node not in answered:
                 dropped.append(self._dropped(server_round, node, "no-reply", ["no reply before the round's timeout"]))
-        claims = [float(parsed.num_examples) for _, _, parsed, *_ in accepted]
+        claims = [float(entry.reply.num_examples) for entry in accepted]
         weights = [1.0] * len(claims) if self._central else robust.bounded_weights(claims, self.max_weight_ratio)
-        self.round_clients[server_round] = [self._accept(server_round, *entry, weight) for entry, weight in zip(accepted, weights)]
+        self.round_clients[server_round] = [self._accept(server_round, entry, weight) for entry, weight in zip(accepted, weights)]
         self.round_dropped[server_round] = dropped
         if not accepted:
             log.warning("round %d: no valid update; the global adapter stays as it was", server_round)
             return None, None
-        updates = [entry[2] for entry in accepted]
+        updates = [entry.reply for entry in accepted]
         averaged, contributors = self._average([(reply.arrays, weight) for reply, weight in zip(updates, weights)])
         new_global = self.optimizer.step(self.global_arrays, averaged, contributors)
         self._learn_from_votes(updates, weights)
@@ -177,26 +188,25 @@ class FleetStrategy(FedAvg):
         log.warning("round %d: no update from node %d (%s): %s", server_round, node, cause, reason)
         return {"node_id": node, "device": self.node_devices.get(node, ""), "cause": cause, "reason": reason}
 
-    def _without_outliers(self, server_round: int, screened: list[tuple], dropped: list[dict]) -> list[tuple]:
+    def _without_outliers(self, server_round: int, screened: list[Screened], dropped: list[dict]) -> list[Screened]:
         """The screened updates less those far beyond the round's median change (server.robust.outliers)."""
-        rms = [entry[4] for entry in screened]
+        rms = [entry.rms for entry in screened]
         far = set(robust.outliers(rms, self.max_update_norm_ratio))
         for index in sorted(far):
-            node = screened[index][0]
-            dropped.append(self._dropped(server_round, node, "rejected", [
+            dropped.append(self._dropped(server_round, screened[index].node, "rejected", [
                 f"update RMS change {rms[index]:.3g} is {rms[index] / robust.low_median(rms):.3g} times the round's median "
                 f"{robust.low_median(rms):.3g}, above max-update-norm-ratio = {self.max_update_norm_ratio:g}"]))
         return [entry for index, entry in enumerate(screened) if index not in far]
 
-    def _accept(self, server_round: int, node: int, device: str, parsed: TrainReply, norm: float, rms: float,
-                weight: float) -> dict:
+    def _accept(self, server_round: int, entry: Screened, weight: float) -> dict:
         """Book an accepted update; its record for the run folder (the server's fields win over any report)."""
-        self.nodes[node] = {"rank": parsed.lora_rank, "window": parsed.window, "device": device,
-                            "compressed": bool(parsed.compressed)}
+        node, reply = entry.node, entry.reply
+        self.nodes[node] = {"rank": reply.lora_rank, "window": reply.window, "device": entry.device,
+                            "compressed": bool(reply.compressed)}
         if self.keep_updates:
-            self.round_updates.setdefault(server_round, {})[node] = parsed.arrays
-        return {**parsed.metrics(), "node_id": node, "device": device, "assigned_exit": self.assigned.get(node),
-                "weight": weight, "update_norm": norm, "update_rms": rms}
+            self.round_updates.setdefault(server_round, {})[node] = reply.arrays
+        return {**reply.metrics(), "node_id": node, "device": entry.device, "assigned_exit": self.assigned.get(node),
+                "weight": weight, "update_norm": entry.norm, "update_rms": entry.rms}
 
     @property
     def _central(self) -> bool:
